@@ -1,0 +1,388 @@
+#!/bin/bash
+# Rockpool workspace provisioning: the one script that installs everything in the image.
+#
+# It runs unchanged in two places:
+#   - inside the build root of `rockpool image build` (a chroot: no running systemd,
+#     so units are enabled, never started);
+#   - on a live, booted Debian VM over SSH, as Packer's shell provisioner runs it.
+# It is idempotent: running it again changes nothing that is already in place.
+#
+# Inputs (environment variables; the builder sets them from the image spec):
+#   SETUP_USER                 workspace user (default: coder)
+#   SETUP_NODE_MAJOR           Node.js major version (default: 24)
+#   SETUP_CODE_SERVER_VERSION  exact code-server version (default: 4.139.1)
+#   SETUP_NPM_MAJOR            npm major version installed beside Node (default: 11)
+#   SETUP_PACKAGES             space-separated Debian packages to install
+#   SETUP_NPM_REGISTRY         npm registry (default: https://registry.npmjs.org)
+# `setup.sh --print-packages` prints the Debian packages it would install, and exits.
+# Registry access through a TLS-intercepting proxy: set SSL_CERT_FILE (and the usual
+# proxy variables) for this run only; nothing of them is written into the system.
+set -euo pipefail
+shopt -s nullglob
+
+SETUP_USER=${SETUP_USER:-coder}
+SETUP_NODE_MAJOR=${SETUP_NODE_MAJOR:-24}
+SETUP_CODE_SERVER_VERSION=${SETUP_CODE_SERVER_VERSION:-4.139.1}
+SETUP_NPM_MAJOR=${SETUP_NPM_MAJOR:-11}
+SETUP_PACKAGES=${SETUP_PACKAGES:-}
+SETUP_NPM_REGISTRY=${SETUP_NPM_REGISTRY:-https://registry.npmjs.org}
+SETUP_NPM_REGISTRY=${SETUP_NPM_REGISTRY%/}
+export DEBIAN_FRONTEND=noninteractive
+
+# What the init contract and this script themselves need, whatever the spec says.
+CONTRACT_PACKAGES="systemd systemd-sysv systemd-resolved udev dbus openssh-server sudo
+  ca-certificates curl jq cloud-guest-utils e2fsprogs fdisk build-essential pkg-config
+  python3 libkrb5-dev"
+
+if [ "${1:-}" = --print-packages ]; then
+  # The builder installs these in its bootstrap, in the same apt run as the rest.
+  echo $CONTRACT_PACKAGES $SETUP_PACKAGES
+  exit 0
+fi
+
+say() { printf 'setup.sh: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (sudo bash setup.sh)"
+[ -r /etc/debian_version ] || die "this script provisions Debian systems only"
+case "$(dpkg --print-architecture)" in
+  amd64) NODE_ARCH=x64 ;;
+  arm64) NODE_ARCH=arm64 ;;
+  *) die "unsupported architecture $(dpkg --print-architecture)" ;;
+esac
+
+WORK=$(mktemp -d /var/tmp/rockpool-setup.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+
+# ---- Debian packages ----------------------------------------------------------------
+install_packages() {
+  local missing=() pkg
+  for pkg in $CONTRACT_PACKAGES $SETUP_PACKAGES; do
+    dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null | grep -qx installed || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then
+    say "Debian packages: all present"
+    return
+  fi
+  say "Debian packages: installing ${missing[*]}"
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+# ---- Node.js and npm from the npm registry ------------------------------------------
+# Downloads go to files and are checked against the registry's sha512 integrity before
+# anything is unpacked; nothing is ever piped into a shell.
+fetch_verified() { # name version-jq-filter output -> prints the version fetched
+  local name=$1 filter=$2 out=$3 meta version tarball integrity expected actual
+  meta="$WORK/$name.json"
+  curl -fsSL --retry 3 -H 'Accept: application/vnd.npm.install-v1+json' \
+    -o "$meta" "$SETUP_NPM_REGISTRY/$name"
+  version=$(jq -r "$filter" "$meta")
+  [ -n "$version" ] && [ "$version" != null ] || die "no matching version of $name in $SETUP_NPM_REGISTRY"
+  tarball=$(jq -r --arg v "$version" '.versions[$v].dist.tarball' "$meta")
+  integrity=$(jq -r --arg v "$version" '.versions[$v].dist.integrity' "$meta")
+  [[ $integrity == sha512-* ]] || die "$name@$version has no sha512 integrity in the registry"
+  curl -fsSL --retry 3 -o "$out" "$tarball"
+  expected=$(printf '%s' "${integrity#sha512-}" | base64 -d | od -An -v -tx1 | tr -d ' \n')
+  actual=$(sha512sum "$out" | cut -d' ' -f1)
+  [ "$expected" = "$actual" ] || die "$name@$version: download does not match its sha512 integrity"
+  printf '%s\n' "$version"
+}
+
+newest_of_major() { # jq filter: newest plain release with the given major
+  printf '[.versions | keys[] | select(test("^%s\\\\.[0-9]+\\\\.[0-9]+$"))] | sort_by(split(".") | map(tonumber)) | last' "$1"
+}
+
+install_node() {
+  if command -v node >/dev/null && [[ $(node --version) == "v$SETUP_NODE_MAJOR".* ]]; then
+    say "Node.js: $(node --version) present"
+  else
+    local version
+    version=$(fetch_verified "node-linux-$NODE_ARCH" "$(newest_of_major "$SETUP_NODE_MAJOR")" "$WORK/node.tgz")
+    say "Node.js: installing $version"
+    tar -xzf "$WORK/node.tgz" -C "$WORK"
+    install -m 0755 "$WORK/package/bin/node" /usr/local/bin/node
+    rm -rf /usr/local/include/node
+    mkdir -p /usr/local/include
+    cp -a "$WORK/package/include/node" /usr/local/include/node
+  fi
+  if command -v npm >/dev/null && [[ $(npm --version) == "$SETUP_NPM_MAJOR".* ]]; then
+    say "npm: $(npm --version) present"
+  else
+    local version
+    version=$(fetch_verified npm "$(newest_of_major "$SETUP_NPM_MAJOR")" "$WORK/npm.tgz")
+    say "npm: installing $version"
+    rm -rf /usr/local/lib/node_modules/npm "$WORK/package"
+    mkdir -p /usr/local/lib/node_modules
+    tar -xzf "$WORK/npm.tgz" -C "$WORK"
+    mv "$WORK/package" /usr/local/lib/node_modules/npm
+    ln -sfn ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm
+    ln -sfn ../lib/node_modules/npm/bin/npx-cli.js /usr/local/bin/npx
+  fi
+}
+
+# ---- code-server --------------------------------------------------------------------
+# Read from package.json: running `code-server --version` would write a config file
+# with a generated password into root's home.
+code_server_version() {
+  local manifest=/usr/local/lib/node_modules/code-server/package.json
+  [ -f "$manifest" ] && command -v node >/dev/null && node -p "require('$manifest').version" || true
+}
+
+install_code_server() {
+  if [ "$(code_server_version)" = "$SETUP_CODE_SERVER_VERSION" ]; then
+    say "code-server: $SETUP_CODE_SERVER_VERSION present"
+    return
+  fi
+  say "code-server: installing $SETUP_CODE_SERVER_VERSION (compiles native modules; takes minutes)"
+  # nodedir makes node-gyp use the headers installed above instead of downloading them.
+  npm_config_nodedir=/usr/local npm_config_cache="$WORK/npm-cache" \
+    npm install --global --no-audit --no-fund --loglevel=warn \
+    --registry "$SETUP_NPM_REGISTRY/" \
+    --allow-scripts=code-server,argon2 \
+    "code-server@$SETUP_CODE_SERVER_VERSION"
+  [ "$(code_server_version)" = "$SETUP_CODE_SERVER_VERSION" ] ||
+    die "code-server $SETUP_CODE_SERVER_VERSION did not install"
+}
+
+# ---- workspace user -----------------------------------------------------------------
+create_user() {
+  if ! id "$SETUP_USER" >/dev/null 2>&1; then
+    say "user: creating $SETUP_USER"
+    useradd --create-home --shell /bin/bash --user-group "$SETUP_USER"
+  fi
+  # No password at all ('*'): SSH is key-only and sudo needs none.
+  usermod --password '*' "$SETUP_USER"
+  usermod --append --groups sudo "$SETUP_USER"
+  printf '%s ALL=(ALL:ALL) NOPASSWD: ALL\n' "$SETUP_USER" >/etc/sudoers.d/50-rockpool-user
+  chmod 0440 /etc/sudoers.d/50-rockpool-user
+  install -d -m 0700 -o "$SETUP_USER" -g "$SETUP_USER" "/home/$SETUP_USER/.ssh"
+}
+
+# ---- the init contract and system configuration --------------------------------------
+write_file() { # path mode: content on stdin
+  install -d "$(dirname "$1")"
+  cat >"$1.rockpool-new"
+  chmod "$2" "$1.rockpool-new"
+  mv "$1.rockpool-new" "$1"
+}
+
+configure_system() {
+  say "system: writing units and configuration"
+  write_file /usr/local/lib/rockpool/rockpool-init 0755 <<'INIT'
+#!/bin/bash
+# Reads the Rockpool config disk (label ROCKPOOL) at every boot and applies it:
+# ROCKPOOL_* variables for code-server, SSH keys for the workspace user, the hostname.
+# See docs/init-contract.md in the rockpool repository.
+set -euo pipefail
+LABEL=ROCKPOOL
+DEVICE=/dev/disk/by-label/$LABEL
+MOUNT=/run/rockpool/config
+ENV_OUT=/run/rockpool/env
+WORKSPACE_USER=$(cat /usr/local/lib/rockpool/workspace-user)
+NAME_RULE='1 to 63 characters of a-z, 0-9 and -, not starting or ending with -'
+
+fail() { echo "rockpool-init: $*" >&2; exit 1; }
+
+mkdir -p /run/rockpool
+rm -f "$ENV_OUT"
+udevadm settle --timeout=10 || true
+if ! udevadm wait --timeout=10 "$DEVICE" 2>/dev/null && [ ! -e "$DEVICE" ]; then
+  fail "no config disk with label $LABEL is attached, so ROCKPOOL_WORKSPACE_NAME is unset; code-server will not start (attach one: see docs/init-contract.md)"
+fi
+mkdir -p "$MOUNT"
+mountpoint -q "$MOUNT" && umount "$MOUNT"
+mount -o ro,nosuid,nodev,noexec "$DEVICE" "$MOUNT"
+trap 'umount "$MOUNT" 2>/dev/null || true' EXIT
+
+home=$(getent passwd "$WORKSPACE_USER" | cut -d: -f6)
+if [ -f "$MOUNT/authorized_keys" ]; then
+  install -d -m 0700 -o "$WORKSPACE_USER" -g "$WORKSPACE_USER" "$home/.ssh"
+  install -m 0600 -o "$WORKSPACE_USER" -g "$WORKSPACE_USER" "$MOUNT/authorized_keys" "$home/.ssh/authorized_keys"
+  echo "rockpool-init: installed SSH authorized keys for $WORKSPACE_USER"
+fi
+
+[ -f "$MOUNT/env" ] || fail "the config disk has no env file, so ROCKPOOL_WORKSPACE_NAME is unset; code-server will not start"
+declare -A values=()
+lineno=0
+while IFS= read -r line || [ -n "$line" ]; do
+  lineno=$((lineno + 1))
+  line=${line%$'\r'}
+  [[ -z $line || $line == \#* ]] && continue
+  [[ $line =~ ^(ROCKPOOL_[A-Z0-9_]+)=(.*)$ ]] ||
+    fail "env line $lineno is not ROCKPOOL_NAME=value: ${line:0:80}"
+  key=${BASH_REMATCH[1]} value=${BASH_REMATCH[2]}
+  [[ $value =~ ^[[:print:]]*$ ]] || fail "env line $lineno: $key has non-printable characters"
+  values[$key]=$value
+done <"$MOUNT/env"
+
+name=${values[ROCKPOOL_WORKSPACE_NAME]:-}
+[ -n "$name" ] || fail "ROCKPOOL_WORKSPACE_NAME is missing from the config disk; code-server will not start"
+[[ $name =~ ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ ]] ||
+  fail "invalid ROCKPOOL_WORKSPACE_NAME '${name:0:80}': use $NAME_RULE; code-server will not start"
+
+tmp=$(mktemp /run/rockpool/env.XXXXXX)
+for key in "${!values[@]}"; do
+  escaped=${values[$key]//\\/\\\\}
+  printf '%s="%s"\n' "$key" "${escaped//\"/\\\"}" >>"$tmp"
+done
+chmod 0644 "$tmp"
+mv "$tmp" "$ENV_OUT"
+
+hostname "$name"
+printf '%s\n' "$name" >/etc/hostname
+if grep -q '^127\.0\.1\.1' /etc/hosts; then
+  sed -i "s/^127\.0\.1\.1.*/127.0.1.1\t$name/" /etc/hosts
+else
+  printf '127.0.1.1\t%s\n' "$name" >>/etc/hosts
+fi
+echo "rockpool-init: workspace '$name' ready; code-server serves /workspace/$name/"
+INIT
+
+  printf '%s\n' "$SETUP_USER" | write_file /usr/local/lib/rockpool/workspace-user 0644
+
+  write_file /etc/systemd/system/rockpool-init.service 0644 <<'UNIT'
+[Unit]
+Description=Apply the Rockpool config disk (workspace name, SSH keys)
+Documentation=https://github.com/rockpool/images/blob/main/docs/init-contract.md
+After=systemd-udev-trigger.service local-fs.target
+Before=code-server.service ssh.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/lib/rockpool/rockpool-init
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+
+  write_file /etc/systemd/system/code-server.service 0644 <<UNIT
+[Unit]
+Description=code-server for the Rockpool workspace
+Requires=rockpool-init.service
+After=rockpool-init.service network.target
+
+[Service]
+Type=exec
+User=$SETUP_USER
+WorkingDirectory=~
+EnvironmentFile=/run/rockpool/env
+ExecStart=/usr/local/bin/code-server --bind-addr 0.0.0.0:8080 --auth none \\
+  --disable-telemetry --disable-update-check --disable-workspace-trust \\
+  --abs-proxy-base-path /workspace/\${ROCKPOOL_WORKSPACE_NAME}
+Restart=always
+RestartSec=2
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+
+  # First boot of every machine, and of every clone once its keys are removed:
+  # fresh SSH host keys (machine-id is systemd's own first-boot job).
+  write_file /etc/systemd/system/rockpool-hostkeys.service 0644 <<'UNIT'
+[Unit]
+Description=Generate this machine's own SSH host keys
+ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
+Before=ssh.service
+
+[Service]
+Type=oneshot
+# Ed25519 and ECDSA only: RSA key generation costs ~10 s under emulation.
+ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
+ExecStart=/usr/bin/ssh-keygen -q -t ecdsa -N "" -f /etc/ssh/ssh_host_ecdsa_key
+UNIT
+  write_file /etc/systemd/system/ssh.service.d/50-rockpool.conf 0644 <<'UNIT'
+[Unit]
+Wants=rockpool-hostkeys.service
+After=rockpool-hostkeys.service
+UNIT
+  write_file /etc/ssh/sshd_config.d/50-rockpool.conf 0644 <<'CONF'
+# Rockpool workspaces: key-only SSH; keys come from the config disk.
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+HostKey /etc/ssh/ssh_host_ed25519_key
+HostKey /etc/ssh/ssh_host_ecdsa_key
+CONF
+
+  # Runtimes (Tart, Incus) resize the disk file; the root fills it at the next boot.
+  write_file /usr/local/lib/rockpool/rockpool-growroot 0755 <<'GROW'
+#!/bin/bash
+set -euo pipefail
+source=$(findmnt -n -o SOURCE /)
+disk=/dev/$(lsblk -n -o PKNAME "$source" | head -n1)
+part=$(cat "/sys/class/block/$(basename "$source")/partition")
+# growpart exits 1 when there is nothing to grow.
+if growpart "$disk" "$part"; then
+  echo "rockpool-growroot: grew partition $part of $disk"
+fi
+resize2fs "$source"
+GROW
+  write_file /etc/systemd/system/rockpool-growroot.service 0644 <<'UNIT'
+[Unit]
+Description=Grow the root partition and filesystem to fill the disk
+After=local-fs.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/lib/rockpool/rockpool-growroot
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+
+  # Any virtio NIC, whatever its name; a MAC-based DHCP client id so that Tart
+  # (macOS bootpd) can find the guest's address by its MAC.
+  write_file /etc/systemd/network/80-rockpool-ethernet.network 0644 <<'NET'
+[Match]
+Type=ether
+Kind=!*
+
+[Network]
+DHCP=yes
+
+[DHCPv4]
+ClientIdentifier=mac
+NET
+  write_file /etc/systemd/journald.conf.d/50-rockpool.conf 0644 <<'CONF'
+[Journal]
+SystemMaxUse=100M
+CONF
+
+  systemctl enable systemd-networkd.service systemd-resolved.service ssh.service \
+    rockpool-init.service code-server.service rockpool-growroot.service
+  # Nothing here waits for the network; waiting would only slow the boot.
+  systemctl mask systemd-networkd-wait-online.service
+  # In a build root, DNS is systemd-resolved's from the first boot on; a live VM keeps
+  # its working resolver until it reboots.
+  if [ ! -d /run/systemd/system ]; then
+    ln -sfn ../run/systemd/resolve/stub-resolv.conf /etc/resolv.conf
+  fi
+
+  write_file /usr/local/sbin/rockpool-seal 0755 <<'SEAL'
+#!/bin/bash
+# Removes everything that must not be shared between machines made from this image,
+# and every cache and log of the build. Run last, before the image is captured.
+set -euo pipefail
+shopt -s nullglob dotglob
+rm -f /etc/ssh/ssh_host_*
+: >/etc/machine-id
+rm -f /var/lib/dbus/machine-id /var/lib/systemd/random-seed /var/lib/systemd/credential.secret
+echo localhost >/etc/hostname
+apt-get clean
+rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/debconf/*-old /var/lib/dpkg/*-old
+rm -rf /root/.npm /root/.cache /root/.node-gyp /root/.bash_history /home/*/.npm /home/*/.cache
+rm -rf /root/.config/code-server /root/.local/share/code-server
+rm -rf /tmp/* /var/tmp/*
+rm -rf /var/log/journal/*
+find /var/log -type f -exec truncate -s 0 {} +
+SEAL
+}
+
+install_packages
+install_node
+install_code_server
+create_user
+configure_system
+say "done"

@@ -1,0 +1,3 @@
+from rockpool.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""Stage: bootstrap a minimal Debian with systemd, a kernel and the image's packages."""
+
+from __future__ import annotations
+
+from rockpool import host
+from rockpool.command import clean_environment, contained, run
+from rockpool.context import BuildContext
+
+# What makes the root bootable; the spec's packages and setup.sh's own come on top.
+BOOT_PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "systemd-boot-efi")
+KERNEL_PACKAGE = {"amd64": "linux-image-cloud-amd64", "arm64": "linux-image-cloud-arm64"}
+# Docs, man pages and translations: ~120 MB nobody reads in a workspace VM.
+DPKG_EXCLUDES = (
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+)
+
+
+def setup_script_packages(ctx: BuildContext) -> list[str]:
+    """The packages setup.sh itself insists on; installed here in one apt run."""
+    result = run(["bash", ctx.spec.setup_script, "--print-packages"], capture=True)
+    return result.stdout.split()
+
+
+def bootstrap(ctx: BuildContext) -> None:
+    host.require(host.BUILD_TOOLS, "building an image")
+    spec = ctx.spec
+    packages = dict.fromkeys(
+        [*BOOT_PACKAGES, KERNEL_PACKAGE[spec.architecture], *setup_script_packages(ctx),
+         *spec.packages]
+    )  # fmt: skip
+    argv = [
+        "mmdebstrap", "--mode=root", "--variant=minbase", f"--architectures={spec.architecture}",
+        f"--include={','.join(packages)}",
+        *(f"--dpkgopt={option}" for option in DPKG_EXCLUDES),
+        spec.suite, ctx.root, spec.mirror,
+    ]  # fmt: skip
+    env = clean_environment({"SOURCE_DATE_EPOCH": str(ctx.source_date_epoch)})
+    run(contained(argv), env=env, on_line=ctx.reporter.status)

@@ -1,0 +1,70 @@
+"""The init contract's carrier: a small read-only config disk the worker attaches.
+
+A whole-disk FAT filesystem labelled ROCKPOOL holding:
+    env              ROCKPOOL_*=value lines (ROCKPOOL_WORKSPACE_NAME is required)
+    authorized_keys  optional SSH public keys for the workspace user
+Every runtime can attach a raw disk file (Tart: `--disk PATH:ro`, QEMU: a read-only
+virtio-blk drive, Incus: a disk device), so one carrier serves them all. The guest's
+rockpool-init.service reads it at every boot; see docs/init-contract.md.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from rockpool import host
+from rockpool.command import clean_environment, run
+from rockpool.errors import InvalidInput
+from rockpool.names import check_slug
+
+LABEL = "ROCKPOOL"
+SIZE_KIB = 2048
+ENV_KEY = re.compile(r"^ROCKPOOL_[A-Z0-9_]+$")
+_PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
+TOOLS = {"mkfs.vfat": "dosfstools", "mcopy": "mtools"}
+
+
+def validate_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The same rules the guest applies, checked on the host where errors are cheap."""
+    for key, value in env.items():
+        if not ENV_KEY.match(key):
+            raise InvalidInput(
+                f"invalid variable name '{key}': workspace variables are ROCKPOOL_[A-Z0-9_]+"
+            )
+        if not _PRINTABLE.match(value):
+            raise InvalidInput(f"{key} must be printable ASCII on one line")
+    if "ROCKPOOL_WORKSPACE_NAME" not in env:
+        raise InvalidInput("ROCKPOOL_WORKSPACE_NAME is required")
+    check_slug(env["ROCKPOOL_WORKSPACE_NAME"], "ROCKPOOL_WORKSPACE_NAME")
+    return dict(env)
+
+
+def render_env(env: Mapping[str, str]) -> str:
+    return "".join(f"{key}={value}\n" for key, value in sorted(env.items()))
+
+
+def write_carrier(path: Path, env: Mapping[str, str], authorized_keys: str | None = None,
+                  *, validate: bool = True) -> Path:  # fmt: skip
+    """Write the config disk to path (replacing it atomically).
+
+    validate=False writes env as given; tests use it to check the guest's own checks.
+    """
+    host.require(TOOLS, "writing a workspace config disk")
+    content = render_env(validate_env(env) if validate else env)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    menv = clean_environment({"MTOOLS_SKIP_CHECK": "1"})
+    with tempfile.TemporaryDirectory() as scratch:
+        env_file = Path(scratch) / "env"
+        env_file.write_text(content, encoding="ascii")
+        run(["mkfs.vfat", "-n", LABEL, "-C", tmp, str(SIZE_KIB)], env=menv)
+        run(["mcopy", "-i", tmp, env_file, "::/env"], env=menv)
+        if authorized_keys:
+            keys_file = Path(scratch) / "authorized_keys"
+            keys_file.write_text(authorized_keys.rstrip("\n") + "\n", encoding="utf-8")
+            run(["mcopy", "-i", tmp, keys_file, "::/authorized_keys"], env=menv)
+    tmp.replace(path)
+    return path

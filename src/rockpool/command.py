@@ -1,0 +1,187 @@
+"""The one wrapper through which every external command runs.
+
+It logs the command line, runs it with a clean environment, copies its output into
+the build log, kills it if rockpool itself dies, and turns failure into CommandFailed
+carrying the tail of the command's stderr.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+from rockpool.errors import CommandFailed, MissingTool
+
+log = logging.getLogger("rockpool.command")
+
+CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+STDERR_TAIL_LINES = 25
+_PR_SET_PDEATHSIG = 1
+
+# Host variables a build may need to reach package registries. They are passed to
+# the build only and never written into an image.
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+
+def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {"PATH": CLEAN_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/root"}
+    env["HOME"] = os.environ.get("HOME", "/root")
+    for name in PROXY_VARIABLES:
+        if name in os.environ:
+            env[name] = os.environ[name]
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _die_with_parent() -> None:
+    # If rockpool is killed (even with SIGKILL) its children go too, so no build
+    # process outlives it.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    os.setpgrp()
+
+
+def require_tool(name: str, package: str) -> str:
+    path = shutil.which(name, path=CLEAN_PATH)
+    if path is None:
+        raise MissingTool(
+            f"required tool '{name}' is not installed",
+            hint=f"install it with: apt-get install {package}  (or run: rockpool host setup)",
+        )
+    return path
+
+
+def contained(argv: Sequence[str]) -> list[str]:
+    """Wrap argv in private mount and PID namespaces.
+
+    Mounts made by the command vanish with its namespace and every process it forks
+    dies with it, so an interrupted build leaves nothing behind on the host.
+    """
+    return [
+        "unshare", "--mount", "--propagation", "private",
+        "--pid", "--fork", "--kill-child", "--mount-proc",
+        *argv,
+    ]  # fmt: skip
+
+
+def _pump(stream: IO[bytes], sink: Callable[[str], None]) -> None:
+    for raw in iter(stream.readline, b""):
+        sink(raw.decode("utf-8", "replace").rstrip("\n"))
+    stream.close()
+
+
+def run(
+    argv: Sequence[str | Path],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    input_bytes: bytes | None = None,
+    on_line: Callable[[str], None] | None = None,
+    capture: bool = False,
+    check: bool = True,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run argv to completion; returns stdout when capture is set."""
+    args = [str(a) for a in argv]
+    log.info("$ %s", shlex.join(args))
+    stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+    stdout_lines: list[str] = []
+
+    def on_stdout(line: str) -> None:
+        if capture:
+            stdout_lines.append(line)
+        else:
+            log.debug("%s", line)
+        if on_line:
+            on_line(line)
+
+    def on_stderr(line: str) -> None:
+        stderr_tail.append(line)
+        log.debug("%s", line)
+        if on_line:
+            on_line(line)
+
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE if input_bytes is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=dict(env) if env is not None else clean_environment(),
+            preexec_fn=_die_with_parent,
+        )
+    except FileNotFoundError as exc:
+        raise MissingTool(f"required tool '{args[0]}' is not installed") from exc
+    assert proc.stdout is not None and proc.stderr is not None
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, on_stdout), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, on_stderr), daemon=True),
+    ]
+    for pump in pumps:
+        pump.start()
+    try:
+        if input_bytes is not None:
+            assert proc.stdin is not None
+            proc.stdin.write(input_bytes)
+            proc.stdin.close()
+        returncode = proc.wait(timeout=timeout)
+    except BaseException:
+        _terminate(proc)
+        raise
+    for pump in pumps:
+        pump.join()
+    stdout = "\n".join(stdout_lines)
+    if check and returncode != 0:
+        raise CommandFailed(args, returncode, "\n".join(stderr_tail))
+    return subprocess.CompletedProcess(args, returncode, stdout, "\n".join(stderr_tail))
+
+
+def spawn(
+    argv: Sequence[str | Path],
+    *,
+    output: Path,
+    env: Mapping[str, str] | None = None,
+    die_with_parent: bool = True,
+) -> subprocess.Popen[bytes]:
+    """Start a long-running process (a VM) whose output goes to a file."""
+    args = [str(a) for a in argv]
+    log.info("$ %s  (background, output in %s)", shlex.join(args), output)
+    with open(output, "ab") as sink:
+        try:
+            return subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else clean_environment(),
+                preexec_fn=_die_with_parent if die_with_parent else os.setpgrp,
+            )
+        except FileNotFoundError as exc:
+            raise MissingTool(f"required tool '{args[0]}' is not installed") from exc
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a command and everything in its process group."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue

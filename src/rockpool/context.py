@@ -1,0 +1,79 @@
+"""The build context: everything the pipeline's stages share, and stage timing."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rockpool.progress import Reporter
+from rockpool.spec import ImageSpec
+from rockpool.store import Store
+
+
+@dataclass(frozen=True)
+class DiskIdentity:
+    """GUIDs and ids of the disk, derived from the build's inputs so that the same
+    inputs give the same disk."""
+
+    disk_guid: str
+    esp_guid: str
+    root_guid: str
+    root_fs_uuid: str
+    root_hash_seed: str
+    esp_volume_id: str
+
+    @classmethod
+    def derive(cls, input_digest: str) -> DiskIdentity:
+        def derived(purpose: str) -> str:
+            return str(uuid.uuid5(uuid.NAMESPACE_URL, f"rockpool:{input_digest}:{purpose}"))
+
+        return cls(
+            disk_guid=derived("disk"),
+            esp_guid=derived("esp"),
+            root_guid=derived("root-partition"),
+            root_fs_uuid=derived("root-fs"),
+            root_hash_seed=derived("root-hash-seed"),
+            esp_volume_id=derived("esp-volume")[:8].upper(),
+        )
+
+
+@dataclass
+class BuildContext:
+    spec: ImageSpec
+    store: Store
+    work: Path
+    reporter: Reporter
+    input_digest: str
+    source_date_epoch: int
+    log_path: Path
+    ca_bundle: Path | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> DiskIdentity:
+        return DiskIdentity.derive(self.input_digest)
+
+    @property
+    def root(self) -> Path:
+        return self.work / "root"
+
+    @property
+    def disk(self) -> Path:
+        return self.work / "disk.raw"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.work / "version"
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.monotonic()
+        with self.reporter.stage(name):
+            yield
+        self.stage_seconds[name] = round(time.monotonic() - started, 2)

@@ -1,0 +1,127 @@
+"""Stage: assemble a bootable GPT disk without mounting anything.
+
+Layout: an EFI system partition with systemd-boot at the removable path (what UEFI
+firmware with a fresh NVRAM boots: Tart, Incus, QEMU+OVMF), the kernel and initrd,
+then an ext4 root that fills the rest and grows with the disk on first boot.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from rockpool.command import clean_environment, run
+from rockpool.context import BuildContext
+from rockpool.errors import RockpoolError
+
+MIB = 1 << 20
+ESP_SIZE = 256 * MIB
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+# Discoverable Partitions Specification root types, per architecture.
+ROOT_TYPE = {"amd64": "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+             "arm64": "B921B045-1DF0-41C3-AF44-4C6F280D3FAE"}  # fmt: skip
+EFI_BOOT_NAME = {"amd64": ("systemd-bootx64.efi", "BOOTX64.EFI"),
+                 "arm64": ("systemd-bootaa64.efi", "BOOTAA64.EFI")}  # fmt: skip
+CONSOLES = {"amd64": "console=tty0 console=ttyS0,115200n8",
+            "arm64": "console=tty0 console=hvc0 console=ttyAMA0,115200n8"}  # fmt: skip
+
+
+def _newest(root: Path, pattern: str) -> Path:
+    found = sorted(root.glob(pattern), key=lambda p: [int(n) if n.isdigit() else n
+                                                      for n in re.split(r"(\d+)", p.name)])
+    if not found:
+        raise RockpoolError(f"the bootstrapped root has no {pattern}; the kernel did not install")
+    return found[-1]
+
+
+def kernel_command_line(ctx: BuildContext) -> str:
+    return f"root=UUID={ctx.identity.root_fs_uuid} ro {CONSOLES[ctx.spec.architecture]}"
+
+
+def write_fstab(ctx: BuildContext) -> None:
+    (ctx.root / "etc/fstab").write_text(
+        "# The root filesystem; rockpool-growroot.service grows it with the disk.\n"
+        f"UUID={ctx.identity.root_fs_uuid} / ext4 defaults,errors=remount-ro 0 1\n"
+    )
+
+
+def build_esp(ctx: BuildContext, esp: Path) -> None:
+    arch = ctx.spec.architecture
+    loader_source, loader_name = EFI_BOOT_NAME[arch]
+    loader = ctx.root / "usr/lib/systemd/boot/efi" / loader_source
+    if not loader.is_file():
+        raise RockpoolError(f"systemd-boot is missing from the root ({loader})")
+    kernel = _newest(ctx.root / "boot", "vmlinuz-*")
+    initrd = _newest(ctx.root / "boot", "initrd.img-*")
+    staging = ctx.work / "esp"
+    staging.mkdir()
+    (staging / "loader.conf").write_text("timeout 0\neditor no\n")
+    (staging / "rockpool.conf").write_text(
+        f"title Rockpool workspace (Debian {ctx.spec.suite})\n"
+        "linux /vmlinuz\ninitrd /initrd.img\n"
+        f"options {kernel_command_line(ctx)}\n"
+    )
+    env = clean_environment({"SOURCE_DATE_EPOCH": str(ctx.source_date_epoch),
+                             "MTOOLS_SKIP_CHECK": "1"})  # fmt: skip
+    run(["mkfs.vfat", "-F", "32", "-n", "ESP", "-i", ctx.identity.esp_volume_id, "--invariant",
+         "-C", esp, str(ESP_SIZE // 1024)], env=env)  # fmt: skip
+    run(["mmd", "-i", esp, "::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"], env=env)
+    for source, target in (
+        (loader, f"::/EFI/BOOT/{loader_name}"),
+        (kernel, "::/vmlinuz"),
+        (initrd, "::/initrd.img"),
+        (staging / "loader.conf", "::/loader/loader.conf"),
+        (staging / "rockpool.conf", "::/loader/entries/rockpool.conf"),
+    ):
+        run(["mcopy", "-i", esp, source, target], env=env)
+    ctx.facts["kernel"] = kernel.name.removeprefix("vmlinuz-")
+
+
+def assemble_disk(ctx: BuildContext) -> None:
+    spec, identity = ctx.spec, ctx.identity
+    esp = ctx.work / "esp.img"
+    write_fstab(ctx)
+    build_esp(ctx, esp)
+
+    root_start = MIB + ESP_SIZE
+    root_size = spec.disk_size - root_start - MIB  # the backup GPT lives in the last MiB
+    with open(ctx.disk, "wb") as handle:
+        handle.truncate(spec.disk_size)
+    table = (
+        "label: gpt\n"
+        f"label-id: {identity.disk_guid}\n"
+        f"start={MIB // 512}, size={ESP_SIZE // 512}, type={ESP_TYPE}, "
+        f"uuid={identity.esp_guid}, name=\"esp\"\n"
+        f"start={root_start // 512}, size={root_size // 512}, "
+        f"type={ROOT_TYPE[spec.architecture]}, uuid={identity.root_guid}, name=\"root\"\n"
+    )
+    run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", ctx.disk],
+        input_bytes=table.encode())  # fmt: skip
+    run(["dd", f"if={esp}", f"of={ctx.disk}", "bs=1M", f"seek={MIB // MIB}",
+         "conv=notrunc,sparse", "status=none"])  # fmt: skip
+    esp.unlink()
+
+    epoch = str(ctx.source_date_epoch)
+    env = clean_environment({"E2FSPROGS_FAKE_TIME": epoch, "SOURCE_DATE_EPOCH": epoch})
+    run(
+        ["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "1", "-L", "root",
+         "-U", identity.root_fs_uuid,
+         "-E", f"offset={root_start},hash_seed={identity.root_hash_seed},root_owner=0:0,nodiscard",
+         "-d", ctx.root, ctx.disk, f"{root_size // 1024}k"],
+        env=env,
+    )  # fmt: skip
+    ctx.facts["disk"] = {
+        "virtual_size": spec.disk_size,
+        "esp_size": ESP_SIZE,
+        "root_offset": root_start,
+        "root_size": root_size,
+        "root_used_bytes": root_used_bytes(ctx.disk, root_start),
+        "kernel_command_line": kernel_command_line(ctx),
+    }
+
+
+def root_used_bytes(disk: Path, offset: int) -> int:
+    result = run(["dumpe2fs", "-h", f"{disk}?offset={offset}"], capture=True)
+    fields = dict(re.findall(r"^([A-Za-z ]+):\s+(\S+)", result.stdout, re.MULTILINE))
+    block_size = int(fields["Block size"])
+    return (int(fields["Block count"]) - int(fields["Free blocks"])) * block_size

@@ -1,0 +1,80 @@
+"""One error type for everything the user can cause or fix, each with its exit code."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Documented process exit codes (see docs/cli.md)."""
+
+    OK = 0
+    INTERNAL = 1
+    INVALID_INPUT = 2
+    NOT_FOUND = 3
+    MISSING_TOOL = 4
+    COMMAND_FAILED = 5
+    CONFLICT = 6
+    INTERRUPTED = 130
+    BROKEN_PIPE = 141
+
+
+class RockpoolError(Exception):
+    """An error with a message for people: what is wrong and how to fix it."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+
+class InvalidInput(RockpoolError):
+    exit_code = ExitCode.INVALID_INPUT
+
+
+class SpecError(InvalidInput):
+    """A problem in an image spec; always names the file and, where there is one, the key."""
+
+    def __init__(self, path: object, key: str | None, problem: str, *, hint: str | None = None):
+        where = f"{path}: {key}" if key else f"{path}"
+        super().__init__(f"{where}: {problem}", hint=hint)
+        self.path = path
+        self.key = key
+
+
+class NotFound(RockpoolError):
+    exit_code = ExitCode.NOT_FOUND
+
+
+class MissingTool(RockpoolError):
+    exit_code = ExitCode.MISSING_TOOL
+
+
+class Conflict(RockpoolError):
+    exit_code = ExitCode.CONFLICT
+
+
+class CommandFailed(RockpoolError):
+    """An external command exited non-zero; carries the tail of its stderr."""
+
+    exit_code = ExitCode.COMMAND_FAILED
+
+    def __init__(self, argv: list[str], returncode: int, stderr_tail: str, log_hint: str = ""):
+        shown = " ".join(argv[:6]) + (" ..." if len(argv) > 6 else "")
+        message = f"command failed with exit status {returncode}: {shown}"
+        if stderr_tail.strip():
+            indented = "\n".join("    " + line for line in stderr_tail.rstrip().splitlines())
+            message += f"\n  last output:\n{indented}"
+        super().__init__(message, hint=log_hint or None)
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+
+
+class Interrupted(RockpoolError):
+    exit_code = ExitCode.INTERRUPTED

@@ -1,0 +1,35 @@
+"""qcow2: compressed, for QEMU and Incus."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from rockpool.command import require_tool, run
+from rockpool.context import BuildContext
+from rockpool.formats import Output, OutputFormat
+
+_PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
+
+
+class Qcow2Format(OutputFormat):
+    name = "qcow2"
+    filename = "disk.qcow2"
+
+    def write(self, ctx: BuildContext, raw_disk: Path, out_dir: Path) -> Output:
+        target = out_dir / self.filename
+        task = ctx.reporter.task("qcow2: compressing", total=100)
+
+        def progress(line: str) -> None:
+            for match in _PERCENT.finditer(line):
+                task.update(float(match.group(1)))
+
+        # zlib compression: every qemu-img reads it; writes stay in order (no -W), so
+        # the same raw disk always gives the same qcow2.
+        run(
+            [require_tool("qemu-img", "qemu-utils"), "convert", "-p", "-c",
+             "-f", "raw", "-O", "qcow2", "-o", "cluster_size=65536", raw_disk, target],
+            on_line=progress,
+        )  # fmt: skip
+        task.done()
+        return Output(self.name, target)

@@ -1,0 +1,72 @@
+"""The host tools each job needs, the Debian packages that provide them, and their check."""
+
+from __future__ import annotations
+
+import os
+
+from rockpool.command import CLEAN_PATH, run
+from rockpool.errors import MissingTool
+
+import shutil
+
+# tool -> Debian package
+BUILD_TOOLS = {
+    "mmdebstrap": "mmdebstrap",
+    "qemu-img": "qemu-utils",
+    "mke2fs": "e2fsprogs",
+    "mkfs.vfat": "dosfstools",
+    "mcopy": "mtools",
+    "mmd": "mtools",
+    "sfdisk": "fdisk",
+    "unshare": "util-linux",
+}
+FOREIGN_BUILD_TOOLS = {"qemu-aarch64-static": "qemu-user-static", "update-binfmts": "binfmt-support"}
+RUN_TOOLS = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "mkfs.vfat": "dosfstools",
+    "mcopy": "mtools",
+}
+RUN_TOOLS_ARM64 = {"qemu-system-aarch64": "qemu-system-arm"}
+FIRMWARE_PACKAGES = {"amd64": "ovmf", "arm64": "qemu-efi-aarch64"}
+TEST_PACKAGES = ("openssh-client",)
+# Everything `rockpool host setup` installs, for building and running both architectures.
+ALL_PACKAGES = sorted(
+    {*BUILD_TOOLS.values(), *FOREIGN_BUILD_TOOLS.values(), *RUN_TOOLS.values(),
+     *RUN_TOOLS_ARM64.values(), *FIRMWARE_PACKAGES.values(), *TEST_PACKAGES, "ca-certificates"}
+)  # fmt: skip
+
+
+def missing_tools(tools: dict[str, str]) -> dict[str, str]:
+    return {tool: pkg for tool, pkg in tools.items() if shutil.which(tool, path=CLEAN_PATH) is None}
+
+
+def require(tools: dict[str, str], purpose: str) -> None:
+    missing = missing_tools(tools)
+    if missing:
+        packages = " ".join(sorted(set(missing.values())))
+        raise MissingTool(
+            f"{purpose} needs {', '.join(sorted(missing))}, which {'is' if len(missing) == 1 else 'are'} not installed",
+            hint=f"run: sudo rockpool host setup   (or: sudo apt-get install {packages})",
+        )
+
+
+def require_root(purpose: str) -> None:
+    if os.geteuid() != 0:
+        raise MissingTool(
+            f"{purpose} needs root (it bootstraps Debian into a directory with real ownership)",
+            hint="run it with sudo",
+        )
+
+
+def install_packages(packages: list[str]) -> None:
+    require_root("installing host packages")
+    if shutil.which("apt-get", path=CLEAN_PATH) is None:
+        raise MissingTool("this host has no apt-get; install these packages by hand: "
+                          + " ".join(packages))
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    from rockpool.command import clean_environment
+
+    run(["apt-get", "update", "-q"], env=clean_environment(env))
+    run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
+        env=clean_environment(env))

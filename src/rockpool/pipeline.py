@@ -1,0 +1,188 @@
+"""The build pipeline: plain functions over a BuildContext, each stage timed and named.
+
+    preflight -> bootstrap -> provision -> disk -> formats -> store
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import rockpool
+from rockpool import host
+from rockpool.bootstrap import bootstrap
+from rockpool.context import BuildContext
+from rockpool.disk import assemble_disk
+from rockpool.errors import CommandFailed, RockpoolError
+from rockpool.formats import output_format
+from rockpool.preflight import preflight
+from rockpool.progress import Reporter
+from rockpool.provision import provision
+from rockpool.spec import ImageSpec, spec_digest
+from rockpool.store import Store, Version
+
+log = logging.getLogger("rockpool.pipeline")
+
+LOGS_KEPT = 20
+_HASH_CHUNK = 8 << 20
+# The modules whose code shapes the image: a change to any of them is a new input.
+_PIPELINE_MODULES = ("bootstrap.py", "provision.py", "disk.py", "formats/raw.py", "formats/qcow2.py")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    version: Version
+    reused: bool
+    log_path: Path | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.version.ref,
+            "name": self.version.name,
+            "version": self.version.id,
+            "path": str(self.version.path),
+            "reused": self.reused,
+            "log": str(self.log_path) if self.log_path else None,
+            "manifest": self.version.manifest,
+        }
+
+
+def input_digest(spec: ImageSpec) -> str:
+    package_dir = Path(rockpool.__file__).parent
+    code = [hashlib.sha256((package_dir / m).read_bytes()).hexdigest() for m in _PIPELINE_MODULES]
+    return spec_digest(spec, *code)
+
+
+def default_ca_bundle() -> Path | None:
+    """The host's CA bundle, so a build works behind a TLS-intercepting proxy."""
+    for candidate in (os.environ.get("SSL_CERT_FILE"), "/etc/ssl/certs/ca-certificates.crt"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_formats(ctx: BuildContext) -> None:
+    out = ctx.outputs_dir
+    out.mkdir()
+    outputs: dict[str, Any] = {}
+    # Hash the raw disk on the second core while the formats are written.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        raw_digest = pool.submit(sha256_file, ctx.disk)
+        for name in ctx.spec.formats:
+            written = output_format(name).write(ctx, ctx.disk, out)
+            outputs[name] = {"file": written.path.name}
+        for name, entry in outputs.items():
+            path = out / entry["file"]
+            stat = path.stat()
+            entry.update({
+                "size": stat.st_size,
+                "allocated": stat.st_blocks * 512,
+                "sha256": raw_digest.result() if name == "raw" else sha256_file(path),
+            })  # fmt: skip
+    ctx.facts["outputs"] = outputs
+
+
+def land(ctx: BuildContext, started: float) -> Version:
+    outputs = ctx.facts["outputs"]
+    version_id = hashlib.sha256(
+        "".join(f"{n}:{o['sha256']}" for n, o in sorted(outputs.items())).encode()
+    ).hexdigest()[:12]
+    shutil.copyfile(ctx.log_path, ctx.outputs_dir / "build.log")
+    manifest = {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "rockpool_version": rockpool.__version__,
+        "input_digest": ctx.input_digest,
+        "source_date_epoch": ctx.source_date_epoch,
+        "architecture": ctx.spec.architecture,
+        "suite": ctx.spec.suite,
+        "user": ctx.spec.user,
+        "spec": ctx.spec.to_json(),
+        "packages": ctx.facts.get("packages", {}),
+        "kernel": ctx.facts.get("kernel"),
+        "disk": ctx.facts.get("disk", {}),
+        "outputs": outputs,
+        "stage_seconds": ctx.stage_seconds,
+        "build_seconds": round(time.monotonic() - started, 1),
+    }
+    return ctx.store.land(ctx.spec.name, version_id, ctx.outputs_dir, manifest)
+
+
+STAGES: list[tuple[str, Callable[[BuildContext], None]]] = [
+    ("preflight", preflight),
+    ("bootstrap", bootstrap),
+    ("provision", provision),
+    ("disk", assemble_disk),
+    ("formats", write_formats),
+]
+
+
+def _open_log(store: Store, name: str) -> tuple[Path, logging.Handler]:
+    logs = store.root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for old in sorted(logs.glob("*.log"))[:-LOGS_KEPT]:
+        old.unlink(missing_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = logs / f"{stamp}-{name}-{os.getpid()}.log"
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    return path, handler
+
+
+def build(spec: ImageSpec, store: Store, reporter: Reporter, *, force: bool = False,
+          ca_bundle: Path | None = None) -> BuildResult:  # fmt: skip
+    host.require_root("building an image")
+    host.require(host.BUILD_TOOLS, "building an image")
+    digest = input_digest(spec)
+    if not force:
+        existing = store.find_by_input(spec.name, digest)
+        if existing is not None:
+            reporter.info(f"{existing.ref} is up to date (same inputs); use --force to rebuild")
+            return BuildResult(existing, reused=True, log_path=None)
+
+    log_path, handler = _open_log(store, spec.name)
+    root_logger = logging.getLogger("rockpool")
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.DEBUG)
+    started = time.monotonic()
+    try:
+        with store.staging() as work:
+            ctx = BuildContext(
+                spec=spec, store=store, work=work, reporter=reporter, input_digest=digest,
+                source_date_epoch=int(os.environ.get("SOURCE_DATE_EPOCH", time.time())),
+                log_path=log_path, ca_bundle=ca_bundle or default_ca_bundle(),
+            )  # fmt: skip
+            log.info("building %s from %s (input %s) in %s", spec.name, spec.path, digest, work)
+            for name, stage in STAGES:
+                with ctx.stage(name):
+                    stage(ctx)
+            with ctx.stage("store"):
+                version = land(ctx, started)
+    except CommandFailed as exc:
+        exc.hint = f"full build log: {log_path}"
+        raise
+    except RockpoolError as exc:
+        exc.hint = exc.hint or f"full build log: {log_path}"
+        raise
+    finally:
+        root_logger.removeHandler(handler)
+        handler.close()
+    reporter.info(f"built {version.ref} in {version.manifest['build_seconds']:.0f}s")
+    return BuildResult(version, reused=False, log_path=log_path)

@@ -1,0 +1,93 @@
+"""Stage: check, in seconds, what would otherwise fail minutes into a build.
+
+The Debian mirror must carry the suite, and the npm registry must have the pinned
+code-server (for this Node.js major) and a Node.js build of that major.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import ssl
+import urllib.error
+import urllib.request
+from typing import Any
+
+from rockpool.context import BuildContext
+from rockpool.errors import InvalidInput, RockpoolError
+
+log = logging.getLogger("rockpool.preflight")
+TIMEOUT = 30
+NODE_ARCH = {"amd64": "x64", "arm64": "arm64"}
+
+
+class RegistryUnreachable(RockpoolError):
+    pass
+
+
+def _fetch(ctx: BuildContext, url: str, accept: str = "application/json") -> bytes:
+    context = ssl.create_default_context(cafile=str(ctx.ca_bundle) if ctx.ca_bundle else None)
+    request = urllib.request.Request(url, headers={"Accept": accept})
+    log.info("GET %s", url)
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT, context=context) as response:
+            body: bytes = response.read()
+            return body
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise FileNotFoundError(url) from None
+        raise RegistryUnreachable(f"{url} answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise RegistryUnreachable(
+            f"cannot reach {url}: {getattr(exc, 'reason', exc)}",
+            hint="check the network, proxy variables (https_proxy) and --ca-bundle",
+        ) from None
+
+
+def _json(ctx: BuildContext, url: str, accept: str = "application/json") -> Any:
+    return json.loads(_fetch(ctx, url, accept))
+
+
+def engines_allow(engines_node: str, major: int) -> bool:
+    """A conservative reading of package.json engines.node for one major version."""
+    numbers = [int(n) for n in re.findall(r"(?<![.\d])(\d+)(?:\.[\dx*]+)*", engines_node)]
+    if re.fullmatch(r"\s*[\^~]?\s*\d+(\.[\dx*]+)*\s*", engines_node):
+        return numbers[0] == major
+    if re.fullmatch(r"\s*>=\s*\d+(\.[\dx*]+)*\s*", engines_node):
+        return major >= numbers[0]
+    return True  # a range too rich to judge here; npm decides during the build
+
+
+def preflight(ctx: BuildContext) -> None:
+    spec = ctx.spec
+    try:
+        _fetch(ctx, f"{spec.mirror.rstrip('/')}/dists/{spec.suite}/Release", "*/*")
+    except FileNotFoundError:
+        raise InvalidInput(
+            f"{spec.path}: debian.mirror {spec.mirror} has no suite '{spec.suite}'"
+        ) from None
+    registry = spec.npm_registry
+    try:
+        code_server = _json(ctx, f"{registry}/code-server/{spec.code_server_version}")
+    except FileNotFoundError:
+        raise InvalidInput(
+            f"{spec.path}: code_server.version {spec.code_server_version} does not exist "
+            f"in {registry}",
+            hint="see the available versions with: npm view code-server versions",
+        ) from None
+    engines = str(code_server.get("engines", {}).get("node", ""))
+    if engines and not engines_allow(engines, spec.node_major):
+        raise InvalidInput(
+            f"{spec.path}: code_server.version {spec.code_server_version} needs Node.js "
+            f"'{engines}', but node.major is {spec.node_major}",
+            hint="set node.major to a version code-server supports",
+        )
+    node_package = f"node-linux-{NODE_ARCH[spec.architecture]}"
+    abbreviated = "application/vnd.npm.install-v1+json"
+    versions = _json(ctx, f"{registry}/{node_package}", abbreviated).get("versions", {})
+    if not any(re.fullmatch(rf"{spec.node_major}\.\d+\.\d+", v) for v in versions):
+        raise InvalidInput(
+            f"{spec.path}: node.major {spec.node_major}: {registry} has no {node_package} "
+            f"release of that major"
+        )

@@ -1,0 +1,101 @@
+"""Stage: run the shared setup.sh inside the bootstrapped root, then seal the root.
+
+The root gets /proc, /sys, /dev and a private /run only inside a private mount
+namespace: they vanish with it, whatever happens to the build. Build-time material
+(the host's CA bundle, resolv.conf) lives in that /run or is replaced before sealing,
+so none of it reaches the image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from rockpool.command import CLEAN_PATH, PROXY_VARIABLES, clean_environment, contained, run
+from rockpool.context import BuildContext
+
+BUILD_RUN = "/run/rockpool-build"
+# Runs on the host, inside the private namespaces, with the root as $1.
+CHROOT_RUNNER = r"""
+set -euo pipefail
+root=$1 setup=$2 ca=$3
+mount -t proc proc "$root/proc"
+mount -t sysfs sysfs "$root/sys"
+mount --rbind /dev "$root/dev"
+mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$root/run"
+mkdir -p "$root$BUILD_RUN"
+install -m 0755 "$setup" "$root$BUILD_RUN/setup.sh"
+[ -n "$ca" ] && install -m 0644 "$ca" "$root$BUILD_RUN/ca.pem"
+# DNS for the build only; setup.sh points resolv.conf at systemd-resolved for the image.
+rm -f "$root/etc/resolv.conf"
+cp /etc/resolv.conf "$root/etc/resolv.conf"
+chroot "$root" /usr/bin/env -i "${CHROOT_ENV[@]}" /bin/bash "$BUILD_RUN/setup.sh"
+chroot "$root" /usr/bin/env -i "PATH=$CHROOT_PATH" /usr/local/sbin/rockpool-seal
+"""
+
+
+def _ca_variables(ca_in_root: str) -> dict[str, str]:
+    return {
+        name: ca_in_root
+        for name in ("SSL_CERT_FILE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+                     "npm_config_cafile", "REQUESTS_CA_BUNDLE", "PIP_CERT", "GIT_SSL_CAINFO")
+    }  # fmt: skip
+
+
+def setup_environment(ctx: BuildContext) -> dict[str, str]:
+    """What setup.sh sees: the spec's settings, plus registry access for this run only."""
+    spec = ctx.spec
+    env = {
+        "PATH": CLEAN_PATH,
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "SETUP_USER": spec.user,
+        "SETUP_NODE_MAJOR": str(spec.node_major),
+        "SETUP_CODE_SERVER_VERSION": spec.code_server_version,
+        "SETUP_PACKAGES": " ".join(spec.packages),
+        "SETUP_NPM_REGISTRY": spec.npm_registry,
+    }
+    if ctx.ca_bundle is not None:
+        env.update(_ca_variables(f"{BUILD_RUN}/ca.pem"))
+    env.update({name: os.environ[name] for name in PROXY_VARIABLES if name in os.environ})
+    return env
+
+
+def provision(ctx: BuildContext) -> None:
+    runner = (
+        f"BUILD_RUN={BUILD_RUN}\nCHROOT_PATH={CLEAN_PATH}\n"
+        f"CHROOT_ENV=({' '.join(_quote(f'{k}={v}') for k, v in setup_environment(ctx).items())})\n"
+        + CHROOT_RUNNER
+    )
+    argv = ["bash", "-c", runner, "provision", ctx.root, ctx.spec.setup_script,
+            str(ctx.ca_bundle or "")]  # fmt: skip
+    run(contained(argv), env=clean_environment(), on_line=ctx.reporter.status)
+    ctx.facts["packages"] = installed_versions(ctx.root)
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def installed_versions(root: Path) -> dict[str, dict[str, str]]:
+    """Exact versions of what went into the root: every .deb, Node.js, npm, code-server."""
+    debian: dict[str, str] = {}
+    status = (root / "var/lib/dpkg/status").read_text(encoding="utf-8")
+    for paragraph in status.split("\n\n"):
+        fields = dict(re.findall(r"^([A-Za-z-]+): (.*)$", paragraph, re.MULTILINE))
+        if fields.get("Status", "").endswith(" installed") and "Package" in fields:
+            debian[fields["Package"]] = fields["Version"]
+    npm: dict[str, str] = {}
+    header = root / "usr/local/include/node/node_version.h"
+    if header.is_file():
+        text = header.read_text(encoding="utf-8")
+        parts = [re.search(rf"#define NODE_{p}_VERSION (\d+)", text) for p in ("MAJOR", "MINOR", "PATCH")]
+        if all(parts):
+            npm["node"] = ".".join(m.group(1) for m in parts if m)
+    for package in ("npm", "code-server"):
+        manifest = root / "usr/local/lib/node_modules" / package / "package.json"
+        if manifest.is_file():
+            npm[package] = json.loads(manifest.read_text(encoding="utf-8"))["version"]
+    return {"debian": dict(sorted(debian.items())), "npm": npm}

@@ -1,0 +1,1 @@
+"""Runtimes that run workspace VMs from stored images (QEMU now; Tart and Incus later)."""

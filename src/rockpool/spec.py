@@ -1,0 +1,338 @@
+"""The image spec: one typed, validated object built from TOML.
+
+Every problem is reported as a SpecError naming the file and the key, before any
+slow work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rockpool.errors import SpecError
+from rockpool.formats import FORMAT_NAMES
+from rockpool.names import SLUG_RULE, is_slug
+from rockpool.units import parse_size
+
+SUITES = ("bookworm", "trixie", "forky")
+ARCHITECTURES = ("amd64", "arm64")
+HOST_ARCHITECTURES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+MIN_DISK = 4 << 30
+MAX_DISK = 2 << 40
+MIN_MEMORY = 1 << 30
+RESERVED_USERS = {"root", "daemon", "bin", "sys", "sync", "nobody", "sshd", "messagebus", "systemd"}
+DEFAULT_SPEC = Path("images/workspace.toml")
+_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
+_MIRROR = re.compile(r"^(https?|file)://\S+$")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    path: Path
+    name: str
+    suite: str
+    architecture: str
+    disk_size: int
+    formats: tuple[str, ...]
+    mirror: str
+    packages: tuple[str, ...]
+    node_major: int
+    npm_registry: str
+    code_server_version: str
+    user: str
+    cpus: int
+    memory: int
+    setup_script: Path
+    description: str = ""
+    extends: tuple[Path, ...] = field(default=())
+
+    def digest_inputs(self) -> dict[str, Any]:
+        """What the image depends on, independent of where the files lie."""
+        data = asdict(self)
+        for local in ("path", "setup_script", "extends"):
+            data.pop(local)
+        data["packages"] = sorted(self.packages)
+        data["setup_script_sha256"] = hashlib.sha256(self.setup_script.read_bytes()).hexdigest()
+        return data
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data["setup_script"] = str(self.setup_script)
+        data["extends"] = [str(p) for p in self.extends]
+        data["formats"] = list(self.formats)
+        data["packages"] = list(self.packages)
+        return data
+
+
+def host_architecture() -> str:
+    machine = platform.machine()
+    if machine not in HOST_ARCHITECTURES:
+        raise SpecError("host", None, f"this host's architecture '{machine}' is not supported")
+    return HOST_ARCHITECTURES[machine]
+
+
+# ---- schema -----------------------------------------------------------------------------
+
+Check = Callable[[Any], str | None]  # returns a problem, or None when the value is fine
+
+
+def _string(value: Any) -> str | None:
+    return None if isinstance(value, str) and value else "must be a non-empty string"
+
+
+def _one_of(choices: tuple[str, ...]) -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str) or value not in choices:
+            return f"must be one of {', '.join(repr(c) for c in choices)}, not {value!r}"
+        return None
+
+    return check
+
+
+def _size(minimum: int, maximum: int) -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            return "must be a size such as \"20G\""
+        try:
+            size = parse_size(str(value))
+        except ValueError as exc:
+            return str(exc)
+        if not minimum <= size <= maximum:
+            return f"must be between {minimum >> 30}G and {maximum >> 30}G, not {value!r}"
+        return None
+
+    return check
+
+
+def _integer(minimum: int, maximum: int) -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"must be a whole number, not {value!r}"
+        if not minimum <= value <= maximum:
+            return f"must be between {minimum} and {maximum}, not {value}"
+        return None
+
+    return check
+
+
+def _matches(pattern: re.Pattern[str], rule: str) -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str) or not pattern.match(value):
+            return f"{rule}, not {value!r}"
+        return None
+
+    return check
+
+
+def _list_of(item: Check, *, allow_empty: bool = True) -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, list):
+            return f"must be a list, not {type(value).__name__}"
+        if not value and not allow_empty:
+            return "must not be empty"
+        for index, element in enumerate(value):
+            problem = item(element)
+            if problem:
+                return f"item {index + 1}: {problem}"
+        return None
+
+    return check
+
+
+def _image_name(value: Any) -> str | None:
+    return None if isinstance(value, str) and is_slug(value) else f"must be {SLUG_RULE}"
+
+
+def _architecture(value: Any) -> str | None:
+    if value == "host" or value in ARCHITECTURES:
+        return None
+    return f"must be 'host' or one of {', '.join(ARCHITECTURES)}, not {value!r}"
+
+
+def _user(value: Any) -> str | None:
+    problem = _matches(_USER, "must be a lower-case Unix user name")(value)
+    if problem is None and value in RESERVED_USERS:
+        problem = f"'{value}' is a system account; choose another user name"
+    return problem
+
+
+_package = _matches(_PACKAGE, "must be a Debian package name")
+
+SCHEMA: dict[str, dict[str, Check]] = {
+    "image": {
+        "name": _image_name,
+        "description": lambda v: None if isinstance(v, str) else "must be a string",
+        "suite": _one_of(SUITES),
+        "architecture": _architecture,
+        "disk_size": _size(MIN_DISK, MAX_DISK),
+        "formats": _list_of(_one_of(FORMAT_NAMES), allow_empty=False),
+    },
+    "debian": {
+        "mirror": _matches(_MIRROR, "must be an http://, https:// or file:// URL"),
+        "packages": _list_of(_package),
+        "add_packages": _list_of(_package),
+        "remove_packages": _list_of(_package),
+    },
+    "node": {
+        "major": _integer(20, 99),
+        "registry": _matches(_MIRROR, "must be an http:// or https:// URL"),
+    },
+    "code_server": {"version": _matches(_SEMVER, "must be an exact version such as \"4.139.1\"")},
+    "workspace": {
+        "user": _user,
+        "cpus": _integer(1, 64),
+        "memory": _size(MIN_MEMORY, 256 << 30),
+    },
+    "provision": {"script": _string},
+}
+TOP_LEVEL = {"extends": _string}
+REQUIRED = {
+    ("image", "name"), ("debian", "packages"), ("node", "major"),
+    ("code_server", "version"), ("workspace", "user"), ("provision", "script"),
+}  # fmt: skip
+DEFAULTS: dict[tuple[str, str], Any] = {
+    ("image", "suite"): "trixie",
+    ("image", "architecture"): "host",
+    ("image", "disk_size"): "20G",
+    ("image", "formats"): ["raw", "qcow2"],
+    ("image", "description"): "",
+    ("debian", "mirror"): "http://deb.debian.org/debian",
+    ("node", "registry"): "https://registry.npmjs.org",
+    ("workspace", "cpus"): 2,
+    ("workspace", "memory"): "4G",
+}
+
+
+# ---- loading ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    """One spec file's validated values, with the file each value came from."""
+
+    path: Path
+    values: dict[tuple[str, str], Any]
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(path, None, "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(path, None, f"cannot read: {exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(path, None, f"not valid TOML: {exc}") from None
+
+
+def _validate_layer(path: Path, document: dict[str, Any]) -> _Layer:
+    values: dict[tuple[str, str], Any] = {}
+    for section, table in document.items():
+        if section in TOP_LEVEL:
+            problem = TOP_LEVEL[section](table)
+            if problem:
+                raise SpecError(path, section, problem)
+            continue
+        if section not in SCHEMA:
+            known = ", ".join(sorted([*SCHEMA, *TOP_LEVEL]))
+            raise SpecError(path, section, f"unknown section or key (known: {known})")
+        if not isinstance(table, dict):
+            raise SpecError(path, section, f"must be a table ([{section}])")
+        for key, value in table.items():
+            if key not in SCHEMA[section]:
+                known = ", ".join(SCHEMA[section])
+                raise SpecError(path, f"{section}.{key}", f"unknown key (known in [{section}]: {known})")
+            problem = SCHEMA[section][key](value)
+            if problem:
+                raise SpecError(path, f"{section}.{key}", problem)
+            values[(section, key)] = value
+    return _Layer(path, values)
+
+
+def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[_Layer]:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise SpecError(path, "extends", f"specs extend each other in a loop: {chain}")
+    document = _read_toml(path)
+    layer = _validate_layer(path, document)
+    if "extends" not in document:
+        return [layer]
+    parent = (path.parent / document["extends"]).resolve()
+    if not parent.is_file():
+        raise SpecError(path, "extends", f"the spec it extends does not exist: {parent}")
+    return [*_load_layers(parent, (*seen, path)), layer]
+
+
+def load_spec(path: Path) -> ImageSpec:
+    """Load and fully validate a spec file, following `extends`."""
+    layers = _load_layers(path)
+    merged: dict[tuple[str, str], Any] = dict(DEFAULTS)
+    origin: dict[tuple[str, str], Path] = {}
+    packages: list[str] = []
+    for layer in layers:
+        for key, value in layer.values.items():
+            merged[key] = value
+            origin[key] = layer.path
+        if ("debian", "packages") in layer.values:
+            packages = list(layer.values[("debian", "packages")])
+        for name in layer.values.get(("debian", "add_packages"), []):
+            if name not in packages:
+                packages.append(name)
+        for name in layer.values.get(("debian", "remove_packages"), []):
+            if name not in packages:
+                raise SpecError(
+                    layer.path, "debian.remove_packages", f"'{name}' is not in the package list"
+                )
+            packages.remove(name)
+    top = layers[-1].path
+    for section, key in sorted(REQUIRED):
+        if (section, key) not in merged:
+            raise SpecError(top, f"{section}.{key}", "is required")
+
+    script_key = ("provision", "script")
+    script = (origin[script_key].parent / merged[script_key]).resolve()
+    if not script.is_file():
+        raise SpecError(
+            origin[script_key], "provision.script", f"provisioning script not found: {script}"
+        )
+    architecture = merged[("image", "architecture")]
+    if architecture == "host":
+        architecture = host_architecture()
+    return ImageSpec(
+        path=top,
+        name=merged[("image", "name")],
+        description=merged[("image", "description")],
+        suite=merged[("image", "suite")],
+        architecture=architecture,
+        disk_size=parse_size(str(merged[("image", "disk_size")])),
+        formats=tuple(dict.fromkeys(merged[("image", "formats")])),
+        mirror=merged[("debian", "mirror")],
+        packages=tuple(packages),
+        node_major=merged[("node", "major")],
+        npm_registry=merged[("node", "registry")].rstrip("/"),
+        code_server_version=merged[("code_server", "version")],
+        user=merged[("workspace", "user")],
+        cpus=merged[("workspace", "cpus")],
+        memory=parse_size(str(merged[("workspace", "memory")])),
+        setup_script=script,
+        extends=tuple(layer.path for layer in layers[:-1]),
+    )
+
+
+def spec_digest(spec: ImageSpec, *extra: str) -> str:
+    """sha256 over the spec's resolved inputs plus anything else the build depends on."""
+    payload = json.dumps([spec.digest_inputs(), *extra], sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()

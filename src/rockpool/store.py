@@ -1,0 +1,256 @@
+"""The local image store: immutable versions, each landed atomically, and NAME:latest.
+
+Layout under the store root ($ROCKPOOL_HOME, else $XDG_DATA_HOME/rockpool):
+    images/NAME/VERSION/manifest.json   one immutable version and its outputs
+    images/NAME/latest -> VERSION        the newest version
+    staging/ID/ + staging/ID.lock        builds in progress; a lock not held is stale
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rockpool.errors import Conflict, InvalidInput, NotFound
+from rockpool.names import check_slug, split_image_ref
+
+log = logging.getLogger("rockpool.store")
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = 1
+
+
+def default_root() -> Path:
+    override = os.environ.get("ROCKPOOL_HOME")
+    if override is not None:
+        if not override.strip() or not os.path.isabs(override):
+            raise InvalidInput(
+                f"ROCKPOOL_HOME must be an absolute path, not '{override}'",
+                hint="unset it to use the default store, or set it to e.g. /var/lib/rockpool",
+            )
+        return Path(override)
+    data_home = os.environ.get("XDG_DATA_HOME")
+    if data_home and os.path.isabs(data_home):
+        return Path(data_home) / "rockpool"
+    return Path.home() / ".local" / "share" / "rockpool"
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    id: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.id}"
+
+    def output_path(self, fmt: str) -> Path:
+        outputs = self.manifest["outputs"]
+        if fmt not in outputs:
+            raise NotFound(
+                f"{self.ref} has no {fmt} output (it has: {', '.join(outputs)})",
+                hint=f"add \"{fmt}\" to image.formats in the spec and build again",
+            )
+        return self.path / outputs[fmt]["file"]
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def _mounts_below(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        points = [line.split()[4] for line in handle]
+    return [p for p in points if p.startswith(prefix)]
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.images_dir = root / "images"
+        self.staging_dir = root / "staging"
+
+    @classmethod
+    def default(cls) -> Store:
+        return cls(default_root())
+
+    def _ensure(self) -> None:
+        for directory in (self.images_dir, self.staging_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    # ---- staging ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A private build directory, removed whatever happens to the build.
+
+        If the process dies before it can clean up, the lock it held is released by the
+        kernel and the next build removes the directory.
+        """
+        self._ensure()
+        self.remove_stale_staging()
+        build_id = uuid.uuid4().hex[:16]
+        lock_path = self.staging_dir / f"{build_id}.lock"
+        work = self.staging_dir / build_id
+        with open(lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            work.mkdir()
+            try:
+                yield work
+            finally:
+                self._remove_tree(work)
+                lock_path.unlink(missing_ok=True)
+
+    def remove_stale_staging(self) -> list[str]:
+        removed = []
+        if not self.staging_dir.is_dir():
+            return removed
+        for lock_path in sorted(self.staging_dir.glob("*.lock")):
+            with open(lock_path, "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live build owns it
+                self._remove_tree(self.staging_dir / lock_path.stem)
+                lock_path.unlink(missing_ok=True)
+                removed.append(lock_path.stem)
+        for orphan in self.staging_dir.iterdir():
+            if orphan.is_dir() and not orphan.with_suffix(".lock").exists():
+                self._remove_tree(orphan)
+                removed.append(orphan.name)
+        if removed:
+            log.info("removed interrupted builds: %s", ", ".join(removed))
+        return removed
+
+    @staticmethod
+    def _remove_tree(path: Path) -> None:
+        if not path.exists():
+            return
+        mounts = _mounts_below(path)
+        if mounts:
+            # Never delete through a mount (it could be the host's /dev).
+            raise Conflict(
+                f"refusing to remove {path}: something is mounted below it ({mounts[0]})",
+                hint="unmount it (umount -R PATH) and run the command again",
+            )
+        shutil.rmtree(path)
+
+    # ---- versions -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _image_lock(self, name: str) -> Iterator[None]:
+        directory = self.images_dir / name
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def land(self, name: str, version_id: str, prepared: Path, manifest: dict[str, Any]) -> Version:
+        """Make a fully written directory an immutable version, in one rename."""
+        check_slug(name, "image name")
+        manifest = {**manifest, "schema": MANIFEST_SCHEMA, "name": name, "version": version_id}
+        write_json_atomic(prepared / MANIFEST, manifest)
+        for entry in prepared.iterdir():
+            if entry.is_file():
+                with open(entry, "rb") as handle:
+                    os.fsync(handle.fileno())
+        fsync_directory(prepared)
+        with self._image_lock(name):
+            target = self.images_dir / name / version_id
+            if target.exists():
+                log.info("version %s:%s exists already; keeping it", name, version_id)
+            else:
+                os.rename(prepared, target)
+                fsync_directory(target.parent)
+            self._point_latest(name, version_id)
+        return self.version(name, version_id)
+
+    def _point_latest(self, name: str, version_id: str) -> None:
+        link = self.images_dir / name / "latest"
+        tmp = link.with_name(f".latest.{uuid.uuid4().hex}")
+        os.symlink(version_id, tmp)
+        os.replace(tmp, link)
+        fsync_directory(link.parent)
+
+    def image_names(self) -> list[str]:
+        if not self.images_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.images_dir.iterdir() if p.is_dir())
+
+    def versions(self, name: str) -> list[Version]:
+        """Versions of one image, oldest first."""
+        directory = self.images_dir / name
+        if not directory.is_dir():
+            return []
+        found = []
+        for entry in directory.iterdir():
+            if entry.is_dir() and not entry.is_symlink() and (entry / MANIFEST).is_file():
+                found.append(self._read(name, entry))
+        return sorted(found, key=lambda v: (v.manifest.get("created", ""), v.id))
+
+    def latest_id(self, name: str) -> str | None:
+        link = self.images_dir / name / "latest"
+        try:
+            target = os.readlink(link)
+        except OSError:
+            return None
+        return target if (link.parent / target / MANIFEST).is_file() else None
+
+    def version(self, name: str, version_id: str) -> Version:
+        path = self.images_dir / name / version_id
+        if not (path / MANIFEST).is_file():
+            raise NotFound(f"image version {name}:{version_id} does not exist",
+                           hint=f"list versions with: rockpool image ls {name}")
+        return self._read(name, path)
+
+    def resolve(self, ref: str) -> Version:
+        name, version_id = split_image_ref(ref)
+        if version_id == "latest":
+            latest = self.latest_id(name)
+            if latest is None:
+                raise NotFound(
+                    f"no image named '{name}' in the store ({self.root})",
+                    hint="build it with: rockpool image build",
+                )
+            version_id = latest
+        return self.version(name, version_id)
+
+    def find_by_input(self, name: str, input_digest: str) -> Version | None:
+        matches = [v for v in self.versions(name) if v.manifest.get("input_digest") == input_digest]
+        return matches[-1] if matches else None
+
+    @staticmethod
+    def _read(name: str, path: Path) -> Version:
+        try:
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise NotFound(f"image version {name}:{path.name} has an unreadable manifest: {exc}",
+                           hint=f"remove the damaged version directory {path}") from None
+        return Version(name=name, id=path.name, path=path, manifest=manifest)
