@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rockpool import host
 from rockpool.command import clean_environment, contained, run
 from rockpool.context import BuildContext
@@ -30,14 +32,23 @@ def bootstrap(ctx: BuildContext) -> None:
     host.require(host.BUILD_TOOLS, "building an image")
     spec = ctx.spec
     packages = dict.fromkeys(
-        [*BOOT_PACKAGES, KERNEL_PACKAGE[spec.architecture], *setup_script_packages(ctx),
-         *spec.packages]
-    )  # fmt: skip
-    argv = [
-        "mmdebstrap", "--mode=root", "--variant=minbase", f"--architectures={spec.architecture}",
+        [
+            *BOOT_PACKAGES,
+            KERNEL_PACKAGE[spec.architecture],
+            *setup_script_packages(ctx),
+            *spec.packages,
+        ]
+    )
+    argv: list[str | Path] = [
+        "mmdebstrap",
+        "--mode=root",
+        "--variant=minbase",
+        f"--architectures={spec.architecture}",
         f"--include={','.join(packages)}",
         *(f"--dpkgopt={option}" for option in DPKG_EXCLUDES),
-        spec.suite, ctx.root, spec.mirror,
-    ]  # fmt: skip
+        spec.suite,
+        ctx.root,
+        spec.mirror,
+    ]
     env = clean_environment({"SOURCE_DATE_EPOCH": str(ctx.source_date_epoch)})
     run(contained(argv), env=env, on_line=ctx.reporter.status)

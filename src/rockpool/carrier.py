@@ -46,8 +46,9 @@ def render_env(env: Mapping[str, str]) -> str:
     return "".join(f"{key}={value}\n" for key, value in sorted(env.items()))
 
 
-def write_carrier(path: Path, env: Mapping[str, str], authorized_keys: str | None = None,
-                  *, validate: bool = True) -> Path:  # fmt: skip
+def write_carrier(
+    path: Path, env: Mapping[str, str], authorized_keys: str | None = None, *, validate: bool = True
+) -> Path:
     """Write the config disk to path (replacing it atomically).
 
     validate=False writes env as given; tests use it to check the guest's own checks.

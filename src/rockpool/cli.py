@@ -28,7 +28,7 @@ Handler = Callable[[argparse.Namespace, Reporter], Any]
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as InvalidInput (exit 2, one message)."""
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         raise InvalidInput(f"{self.prog}: {message}", hint=f"see: {self.prog} --help")
 
 
@@ -48,8 +48,13 @@ def cmd_image_build(args: argparse.Namespace, reporter: Reporter) -> int:
 
     spec = load_spec(Path(args.spec))
     store = Store.default()
-    result = build(spec, store, reporter, force=args.force,
-                   ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None)  # fmt: skip
+    result = build(
+        spec,
+        store,
+        reporter,
+        force=args.force,
+        ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
+    )
     _emit(args, result.to_json(), result.version.ref)
     return 0
 
@@ -78,8 +83,10 @@ def cmd_image_ls(args: argparse.Namespace, reporter: Reporter) -> int:
     lines = [f"{'IMAGE':<30} {'CREATED':<26} {'ARCH':<6} FORMATS"]
     for row in rows:
         tag = " (latest)" if row["latest"] else ""
-        lines.append(f"{row['image'] + tag:<30} {row['created'] or '':<26} "
-                     f"{row['architecture'] or '':<6} {','.join(row['formats'])}")  # fmt: skip
+        lines.append(
+            f"{row['image'] + tag:<30} {row['created'] or '':<26} "
+            f"{row['architecture'] or '':<6} {','.join(row['formats'])}"
+        )
     if not rows:
         lines = [f"no images in {store.root}; build one with: rockpool image build"]
     _emit(args, rows, "\n".join(lines))
@@ -90,17 +97,24 @@ def cmd_image_inspect(args: argparse.Namespace, reporter: Reporter) -> int:
     version = Store.default().resolve(args.ref)
     manifest = {**version.manifest, "path": str(version.path)}
     outputs = manifest.get("outputs", {})
-    text = [f"{version.ref}  created {manifest.get('created')}  from {manifest['spec']['path']}",
-            f"  architecture {manifest.get('architecture')}, Debian {manifest.get('suite')}, "
-            f"kernel {manifest.get('kernel')}",
-            f"  built in {manifest.get('build_seconds')}s: "
-            + ", ".join(f"{k} {v}s" for k, v in manifest.get("stage_seconds", {}).items())]  # fmt: skip
+    text = [
+        f"{version.ref}  created {manifest.get('created')}  from {manifest['spec']['path']}",
+        f"  architecture {manifest.get('architecture')}, Debian {manifest.get('suite')}, "
+        f"kernel {manifest.get('kernel')}",
+        f"  built in {manifest.get('build_seconds')}s: "
+        + ", ".join(f"{k} {v}s" for k, v in manifest.get("stage_seconds", {}).items()),
+    ]
     for name, entry in outputs.items():
-        text.append(f"  {name:<6} {entry['file']:<12} {format_size(entry['size'])} "
-                    f"({format_size(entry['allocated'])} on disk) sha256:{entry['sha256']}")  # fmt: skip
+        text.append(
+            f"  {name:<6} {entry['file']:<12} {format_size(entry['size'])} "
+            f"({format_size(entry['allocated'])} on disk) sha256:{entry['sha256']}"
+        )
     npm = manifest.get("packages", {}).get("npm", {})
-    text.append("  " + ", ".join(f"{k} {v}" for k, v in npm.items())
-                + f", {len(manifest.get('packages', {}).get('debian', {}))} Debian packages")
+    text.append(
+        "  "
+        + ", ".join(f"{k} {v}" for k, v in npm.items())
+        + f", {len(manifest.get('packages', {}).get('debian', {}))} Debian packages"
+    )
     _emit(args, manifest, "\n".join(text))
     return 0
 
@@ -110,8 +124,12 @@ def cmd_image_inspect(args: argparse.Namespace, reporter: Reporter) -> int:
 
 def cmd_spec_check(args: argparse.Namespace, reporter: Reporter) -> int:
     spec = load_spec(Path(args.spec))
-    _emit(args, spec.to_json(), f"{spec.path}: valid ({spec.name}, {spec.suite}, "
-          f"{spec.architecture}, {format_size(spec.disk_size)}, {len(spec.packages)} packages)")  # fmt: skip
+    _emit(
+        args,
+        spec.to_json(),
+        f"{spec.path}: valid ({spec.name}, {spec.suite}, "
+        f"{spec.architecture}, {format_size(spec.disk_size)}, {len(spec.packages)} packages)",
+    )
     return 0
 
 
@@ -141,15 +159,23 @@ def cmd_config_disk(args: argparse.Namespace, reporter: Reporter) -> int:
 def cmd_host_setup(args: argparse.Namespace, reporter: Reporter) -> int:
     with reporter.stage("installing host packages"):
         host.install_packages(host.ALL_PACKAGES)
-    _emit(args, {"installed": host.ALL_PACKAGES}, "host tools installed: " + " ".join(host.ALL_PACKAGES))
+    _emit(
+        args,
+        {"installed": host.ALL_PACKAGES},
+        "host tools installed: " + " ".join(host.ALL_PACKAGES),
+    )
     return 0
 
 
 def cmd_host_check(args: argparse.Namespace, reporter: Reporter) -> int:
     missing = host.missing_tools({**host.BUILD_TOOLS, **host.RUN_TOOLS})
     data = {"missing": missing, "ok": not missing}
-    text = "all host tools present" if not missing else "missing: " + ", ".join(
-        f"{tool} (apt-get install {pkg})" for tool, pkg in missing.items())
+    text = (
+        "all host tools present"
+        if not missing
+        else "missing: "
+        + ", ".join(f"{tool} (apt-get install {pkg})" for tool, pkg in missing.items())
+    )
     _emit(args, data, text)
     return 0 if not missing else int(ExitCode.MISSING_TOOL)
 
@@ -158,7 +184,7 @@ def cmd_host_check(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser = _Parser(prog="rockpool", description="Build, store and run Rockpool workspace images.")
     parser.add_argument("--version", action="version", version=f"rockpool {rockpool.__version__}")
@@ -166,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="group", required=True, parser_class=_Parser)
 
     image = groups.add_parser("image", help="build and inspect images").add_subparsers(
-        dest="command", required=True, parser_class=_Parser)
+        dest="command", required=True, parser_class=_Parser
+    )
     p = image.add_parser("build", parents=[json_flag], help="build an image from a spec")
     p.add_argument("spec", nargs="?", default=str(DEFAULT_SPEC), help=f"default: {DEFAULT_SPEC}")
     p.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
@@ -180,13 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_image_inspect)
 
     spec = groups.add_parser("spec", help="image specs").add_subparsers(
-        dest="command", required=True, parser_class=_Parser)
+        dest="command", required=True, parser_class=_Parser
+    )
     p = spec.add_parser("check", parents=[json_flag], help="validate a spec and show it resolved")
     p.add_argument("spec", nargs="?", default=str(DEFAULT_SPEC))
     p.set_defaults(handler=cmd_spec_check)
 
-    p = groups.add_parser("config-disk", parents=[json_flag],
-                          help="write a workspace config disk (the init contract's carrier)")
+    p = groups.add_parser(
+        "config-disk",
+        parents=[json_flag],
+        help="write a workspace config disk (the init contract's carrier)",
+    )
     p.add_argument("path")
     p.add_argument("--name", required=True, help="ROCKPOOL_WORKSPACE_NAME")
     p.add_argument("--env", action="append", default=[], metavar="ROCKPOOL_KEY=VALUE")
@@ -194,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_config_disk)
 
     hosts = groups.add_parser("host", help="this machine's tools").add_subparsers(
-        dest="command", required=True, parser_class=_Parser)
+        dest="command", required=True, parser_class=_Parser
+    )
     p = hosts.add_parser("setup", parents=[json_flag], help="install the host tools (apt)")
     p.set_defaults(handler=cmd_host_setup)
     p = hosts.add_parser("check", parents=[json_flag], help="list missing host tools")
@@ -217,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _raise_interrupted)
     try:
         args = build_parser().parse_args(args_list)
-        with Reporter(quiet=args.quiet or wants_json and not sys.stderr.isatty()) as reporter:
+        with Reporter(quiet=args.quiet or (wants_json and not sys.stderr.isatty())) as reporter:
             return int(args.handler(args, reporter))
     except BrokenPipeError:
         # The reader went away (`rockpool image ls | head`): stop quietly, as shells do.
@@ -231,16 +263,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("ROCKPOOL_DEBUG"):
             raise
         logging.getLogger("rockpool").exception("internal error")
-        error = RockpoolError(f"internal error: {type(exc).__name__}: {exc}",
-                              hint="set ROCKPOOL_DEBUG=1 to see the traceback, and report it")
+        error = RockpoolError(
+            f"internal error: {type(exc).__name__}: {exc}",
+            hint="set ROCKPOOL_DEBUG=1 to see the traceback, and report it",
+        )
         return _fail(error, wants_json)
 
 
 def _fail(error: RockpoolError, wants_json: bool) -> int:
     if wants_json:
-        payload = {"error": {"message": error.message, "hint": error.hint,
-                             "exit_code": int(error.exit_code),
-                             "kind": type(error).__name__}}  # fmt: skip
+        payload = {
+            "error": {
+                "message": error.message,
+                "hint": error.hint,
+                "exit_code": int(error.exit_code),
+                "kind": type(error).__name__,
+            }
+        }
         json.dump(payload, sys.stdout, indent=2)
         sys.stdout.write("\n")
     print(f"rockpool: error: {error}", file=sys.stderr)

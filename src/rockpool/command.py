@@ -11,6 +11,7 @@ import collections
 import ctypes
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -62,22 +63,35 @@ def require_tool(name: str, package: str) -> str:
     return path
 
 
-def contained(argv: Sequence[str]) -> list[str]:
+def contained(argv: Sequence[str | Path]) -> list[str | Path]:
     """Wrap argv in private mount and PID namespaces.
 
     Mounts made by the command vanish with its namespace and every process it forks
     dies with it, so an interrupted build leaves nothing behind on the host.
     """
-    return [
-        "unshare", "--mount", "--propagation", "private",
-        "--pid", "--fork", "--kill-child", "--mount-proc",
-        *argv,
-    ]  # fmt: skip
+    prefix: list[str | Path] = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+    ]
+    return [*prefix, *argv]
 
 
 def _pump(stream: IO[bytes], sink: Callable[[str], None]) -> None:
-    for raw in iter(stream.readline, b""):
-        sink(raw.decode("utf-8", "replace").rstrip("\n"))
+    # Split on \r too: progress meters (qemu-img -p) redraw one line with it.
+    pending = b""
+    while chunk := os.read(stream.fileno(), 65536):
+        *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+        for line in lines:
+            if line.strip():
+                sink(line.decode("utf-8", "replace"))
+    if pending.strip():
+        sink(pending.decode("utf-8", "replace"))
     stream.close()
 
 

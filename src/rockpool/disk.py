@@ -18,17 +18,25 @@ MIB = 1 << 20
 ESP_SIZE = 256 * MIB
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
 # Discoverable Partitions Specification root types, per architecture.
-ROOT_TYPE = {"amd64": "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
-             "arm64": "B921B045-1DF0-41C3-AF44-4C6F280D3FAE"}  # fmt: skip
-EFI_BOOT_NAME = {"amd64": ("systemd-bootx64.efi", "BOOTX64.EFI"),
-                 "arm64": ("systemd-bootaa64.efi", "BOOTAA64.EFI")}  # fmt: skip
-CONSOLES = {"amd64": "console=tty0 console=ttyS0,115200n8",
-            "arm64": "console=tty0 console=hvc0 console=ttyAMA0,115200n8"}  # fmt: skip
+ROOT_TYPE = {
+    "amd64": "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
+    "arm64": "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
+}
+EFI_BOOT_NAME = {
+    "amd64": ("systemd-bootx64.efi", "BOOTX64.EFI"),
+    "arm64": ("systemd-bootaa64.efi", "BOOTAA64.EFI"),
+}
+CONSOLES = {
+    "amd64": "console=tty0 console=ttyS0,115200n8",
+    "arm64": "console=tty0 console=hvc0 console=ttyAMA0,115200n8",
+}
 
 
 def _newest(root: Path, pattern: str) -> Path:
-    found = sorted(root.glob(pattern), key=lambda p: [int(n) if n.isdigit() else n
-                                                      for n in re.split(r"(\d+)", p.name)])
+    found = sorted(
+        root.glob(pattern),
+        key=lambda p: [int(n) if n.isdigit() else n for n in re.split(r"(\d+)", p.name)],
+    )
     if not found:
         raise RockpoolError(f"the bootstrapped root has no {pattern}; the kernel did not install")
     return found[-1]
@@ -61,10 +69,25 @@ def build_esp(ctx: BuildContext, esp: Path) -> None:
         "linux /vmlinuz\ninitrd /initrd.img\n"
         f"options {kernel_command_line(ctx)}\n"
     )
-    env = clean_environment({"SOURCE_DATE_EPOCH": str(ctx.source_date_epoch),
-                             "MTOOLS_SKIP_CHECK": "1"})  # fmt: skip
-    run(["mkfs.vfat", "-F", "32", "-n", "ESP", "-i", ctx.identity.esp_volume_id, "--invariant",
-         "-C", esp, str(ESP_SIZE // 1024)], env=env)  # fmt: skip
+    env = clean_environment(
+        {"SOURCE_DATE_EPOCH": str(ctx.source_date_epoch), "MTOOLS_SKIP_CHECK": "1"}
+    )
+    run(
+        [
+            "mkfs.vfat",
+            "-F",
+            "32",
+            "-n",
+            "ESP",
+            "-i",
+            ctx.identity.esp_volume_id,
+            "--invariant",
+            "-C",
+            esp,
+            str(ESP_SIZE // 1024),
+        ],
+        env=env,
+    )
     run(["mmd", "-i", esp, "::/EFI", "::/EFI/BOOT", "::/loader", "::/loader/entries"], env=env)
     for source, target in (
         (loader, f"::/EFI/BOOT/{loader_name}"),
@@ -91,25 +114,53 @@ def assemble_disk(ctx: BuildContext) -> None:
         "label: gpt\n"
         f"label-id: {identity.disk_guid}\n"
         f"start={MIB // 512}, size={ESP_SIZE // 512}, type={ESP_TYPE}, "
-        f"uuid={identity.esp_guid}, name=\"esp\"\n"
+        f'uuid={identity.esp_guid}, name="esp"\n'
         f"start={root_start // 512}, size={root_size // 512}, "
-        f"type={ROOT_TYPE[spec.architecture]}, uuid={identity.root_guid}, name=\"root\"\n"
+        f'type={ROOT_TYPE[spec.architecture]}, uuid={identity.root_guid}, name="root"\n'
     )
-    run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", ctx.disk],
-        input_bytes=table.encode())  # fmt: skip
-    run(["dd", f"if={esp}", f"of={ctx.disk}", "bs=1M", f"seek={MIB // MIB}",
-         "conv=notrunc,sparse", "status=none"])  # fmt: skip
+    run(
+        ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", ctx.disk],
+        input_bytes=table.encode(),
+    )
+    run(
+        [
+            "dd",
+            f"if={esp}",
+            f"of={ctx.disk}",
+            "bs=1M",
+            f"seek={MIB // MIB}",
+            "conv=notrunc,sparse",
+            "status=none",
+        ]
+    )
     esp.unlink()
 
     epoch = str(ctx.source_date_epoch)
     env = clean_environment({"E2FSPROGS_FAKE_TIME": epoch, "SOURCE_DATE_EPOCH": epoch})
     run(
-        ["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "1", "-L", "root",
-         "-U", identity.root_fs_uuid,
-         "-E", f"offset={root_start},hash_seed={identity.root_hash_seed},root_owner=0:0,nodiscard",
-         "-d", ctx.root, ctx.disk, f"{root_size // 1024}k"],
+        [
+            "mke2fs",
+            "-q",
+            "-F",
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-m",
+            "1",
+            "-L",
+            "root",
+            "-U",
+            identity.root_fs_uuid,
+            "-E",
+            f"offset={root_start},hash_seed={identity.root_hash_seed},root_owner=0:0,nodiscard",
+            "-d",
+            ctx.root,
+            ctx.disk,
+            f"{root_size // 1024}k",
+        ],
         env=env,
-    )  # fmt: skip
+    )
     ctx.facts["disk"] = {
         "virtual_size": spec.disk_size,
         "esp_size": ESP_SIZE,

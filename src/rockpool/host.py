@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 from rockpool.command import CLEAN_PATH, run
 from rockpool.errors import MissingTool
-
-import shutil
 
 # tool -> Debian package
 BUILD_TOOLS = {
@@ -20,7 +19,10 @@ BUILD_TOOLS = {
     "sfdisk": "fdisk",
     "unshare": "util-linux",
 }
-FOREIGN_BUILD_TOOLS = {"qemu-aarch64-static": "qemu-user-static", "update-binfmts": "binfmt-support"}
+FOREIGN_BUILD_TOOLS = {
+    "qemu-aarch64-static": "qemu-user-static",
+    "update-binfmts": "binfmt-support",
+}
 RUN_TOOLS = {
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-img": "qemu-utils",
@@ -32,9 +34,16 @@ FIRMWARE_PACKAGES = {"amd64": "ovmf", "arm64": "qemu-efi-aarch64"}
 TEST_PACKAGES = ("openssh-client",)
 # Everything `rockpool host setup` installs, for building and running both architectures.
 ALL_PACKAGES = sorted(
-    {*BUILD_TOOLS.values(), *FOREIGN_BUILD_TOOLS.values(), *RUN_TOOLS.values(),
-     *RUN_TOOLS_ARM64.values(), *FIRMWARE_PACKAGES.values(), *TEST_PACKAGES, "ca-certificates"}
-)  # fmt: skip
+    {
+        *BUILD_TOOLS.values(),
+        *FOREIGN_BUILD_TOOLS.values(),
+        *RUN_TOOLS.values(),
+        *RUN_TOOLS_ARM64.values(),
+        *FIRMWARE_PACKAGES.values(),
+        *TEST_PACKAGES,
+        "ca-certificates",
+    }
+)
 
 
 def missing_tools(tools: dict[str, str]) -> dict[str, str]:
@@ -46,7 +55,7 @@ def require(tools: dict[str, str], purpose: str) -> None:
     if missing:
         packages = " ".join(sorted(set(missing.values())))
         raise MissingTool(
-            f"{purpose} needs {', '.join(sorted(missing))}, which {'is' if len(missing) == 1 else 'are'} not installed",
+            f"{purpose} needs {', '.join(sorted(missing))}, which the host lacks",
             hint=f"run: sudo rockpool host setup   (or: sudo apt-get install {packages})",
         )
 
@@ -62,11 +71,14 @@ def require_root(purpose: str) -> None:
 def install_packages(packages: list[str]) -> None:
     require_root("installing host packages")
     if shutil.which("apt-get", path=CLEAN_PATH) is None:
-        raise MissingTool("this host has no apt-get; install these packages by hand: "
-                          + " ".join(packages))
+        raise MissingTool(
+            "this host has no apt-get; install these packages by hand: " + " ".join(packages)
+        )
     env = {"DEBIAN_FRONTEND": "noninteractive"}
     from rockpool.command import clean_environment
 
     run(["apt-get", "update", "-q"], env=clean_environment(env))
-    run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
-        env=clean_environment(env))
+    run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
+        env=clean_environment(env),
+    )

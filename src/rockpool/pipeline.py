@@ -1,6 +1,6 @@
 """The build pipeline: plain functions over a BuildContext, each stage timed and named.
 
-    preflight -> bootstrap -> provision -> disk -> formats -> store
+preflight -> bootstrap -> provision -> disk -> formats -> store
 """
 
 from __future__ import annotations
@@ -35,7 +35,13 @@ log = logging.getLogger("rockpool.pipeline")
 LOGS_KEPT = 20
 _HASH_CHUNK = 8 << 20
 # The modules whose code shapes the image: a change to any of them is a new input.
-_PIPELINE_MODULES = ("bootstrap.py", "provision.py", "disk.py", "formats/raw.py", "formats/qcow2.py")
+_PIPELINE_MODULES = (
+    "bootstrap.py",
+    "provision.py",
+    "disk.py",
+    "formats/raw.py",
+    "formats/qcow2.py",
+)
 
 
 @dataclass(frozen=True)
@@ -91,11 +97,13 @@ def write_formats(ctx: BuildContext) -> None:
         for name, entry in outputs.items():
             path = out / entry["file"]
             stat = path.stat()
-            entry.update({
-                "size": stat.st_size,
-                "allocated": stat.st_blocks * 512,
-                "sha256": raw_digest.result() if name == "raw" else sha256_file(path),
-            })  # fmt: skip
+            entry.update(
+                {
+                    "size": stat.st_size,
+                    "allocated": stat.st_blocks * 512,
+                    "sha256": raw_digest.result() if name == "raw" else sha256_file(path),
+                }
+            )
     ctx.facts["outputs"] = outputs
 
 
@@ -146,8 +154,14 @@ def _open_log(store: Store, name: str) -> tuple[Path, logging.Handler]:
     return path, handler
 
 
-def build(spec: ImageSpec, store: Store, reporter: Reporter, *, force: bool = False,
-          ca_bundle: Path | None = None) -> BuildResult:  # fmt: skip
+def build(
+    spec: ImageSpec,
+    store: Store,
+    reporter: Reporter,
+    *,
+    force: bool = False,
+    ca_bundle: Path | None = None,
+) -> BuildResult:
     host.require_root("building an image")
     host.require(host.BUILD_TOOLS, "building an image")
     digest = input_digest(spec)
@@ -165,10 +179,15 @@ def build(spec: ImageSpec, store: Store, reporter: Reporter, *, force: bool = Fa
     try:
         with store.staging() as work:
             ctx = BuildContext(
-                spec=spec, store=store, work=work, reporter=reporter, input_digest=digest,
+                spec=spec,
+                store=store,
+                work=work,
+                reporter=reporter,
+                input_digest=digest,
                 source_date_epoch=int(os.environ.get("SOURCE_DATE_EPOCH", time.time())),
-                log_path=log_path, ca_bundle=ca_bundle or default_ca_bundle(),
-            )  # fmt: skip
+                log_path=log_path,
+                ca_bundle=ca_bundle or default_ca_bundle(),
+            )
             log.info("building %s from %s (input %s) in %s", spec.name, spec.path, digest, work)
             for name, stage in STAGES:
                 with ctx.stage(name):

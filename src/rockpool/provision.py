@@ -39,9 +39,16 @@ chroot "$root" /usr/bin/env -i "PATH=$CHROOT_PATH" /usr/local/sbin/rockpool-seal
 def _ca_variables(ca_in_root: str) -> dict[str, str]:
     return {
         name: ca_in_root
-        for name in ("SSL_CERT_FILE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
-                     "npm_config_cafile", "REQUESTS_CA_BUNDLE", "PIP_CERT", "GIT_SSL_CAINFO")
-    }  # fmt: skip
+        for name in (
+            "SSL_CERT_FILE",
+            "CURL_CA_BUNDLE",
+            "NODE_EXTRA_CA_CERTS",
+            "npm_config_cafile",
+            "REQUESTS_CA_BUNDLE",
+            "PIP_CERT",
+            "GIT_SSL_CAINFO",
+        )
+    }
 
 
 def setup_environment(ctx: BuildContext) -> dict[str, str]:
@@ -69,8 +76,15 @@ def provision(ctx: BuildContext) -> None:
         f"CHROOT_ENV=({' '.join(_quote(f'{k}={v}') for k, v in setup_environment(ctx).items())})\n"
         + CHROOT_RUNNER
     )
-    argv = ["bash", "-c", runner, "provision", ctx.root, ctx.spec.setup_script,
-            str(ctx.ca_bundle or "")]  # fmt: skip
+    argv: list[str | Path] = [
+        "bash",
+        "-c",
+        runner,
+        "provision",
+        ctx.root,
+        ctx.spec.setup_script,
+        str(ctx.ca_bundle or ""),
+    ]
     run(contained(argv), env=clean_environment(), on_line=ctx.reporter.status)
     ctx.facts["packages"] = installed_versions(ctx.root)
 
@@ -91,7 +105,9 @@ def installed_versions(root: Path) -> dict[str, dict[str, str]]:
     header = root / "usr/local/include/node/node_version.h"
     if header.is_file():
         text = header.read_text(encoding="utf-8")
-        parts = [re.search(rf"#define NODE_{p}_VERSION (\d+)", text) for p in ("MAJOR", "MINOR", "PATCH")]
+        parts = [
+            re.search(rf"#define NODE_{p}_VERSION (\d+)", text) for p in ("MAJOR", "MINOR", "PATCH")
+        ]
         if all(parts):
             npm["node"] = ".".join(m.group(1) for m in parts if m)
     for package in ("npm", "code-server"):

@@ -102,7 +102,7 @@ def _one_of(choices: tuple[str, ...]) -> Check:
 def _size(minimum: int, maximum: int) -> Check:
     def check(value: Any) -> str | None:
         if not isinstance(value, str | int) or isinstance(value, bool):
-            return "must be a size such as \"20G\""
+            return 'must be a size such as "20G"'
         try:
             size = parse_size(str(value))
         except ValueError as exc:
@@ -187,7 +187,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "major": _integer(20, 99),
         "registry": _matches(_MIRROR, "must be an http:// or https:// URL"),
     },
-    "code_server": {"version": _matches(_SEMVER, "must be an exact version such as \"4.139.1\"")},
+    "code_server": {"version": _matches(_SEMVER, 'must be an exact version such as "4.139.1"')},
     "workspace": {
         "user": _user,
         "cpus": _integer(1, 64),
@@ -197,9 +197,13 @@ SCHEMA: dict[str, dict[str, Check]] = {
 }
 TOP_LEVEL = {"extends": _string}
 REQUIRED = {
-    ("image", "name"), ("debian", "packages"), ("node", "major"),
-    ("code_server", "version"), ("workspace", "user"), ("provision", "script"),
-}  # fmt: skip
+    ("image", "name"),
+    ("debian", "packages"),
+    ("node", "major"),
+    ("code_server", "version"),
+    ("workspace", "user"),
+    ("provision", "script"),
+}
 DEFAULTS: dict[tuple[str, str], Any] = {
     ("image", "suite"): "trixie",
     ("image", "architecture"): "host",
@@ -253,7 +257,9 @@ def _validate_layer(path: Path, document: dict[str, Any]) -> _Layer:
         for key, value in table.items():
             if key not in SCHEMA[section]:
                 known = ", ".join(SCHEMA[section])
-                raise SpecError(path, f"{section}.{key}", f"unknown key (known in [{section}]: {known})")
+                raise SpecError(
+                    path, f"{section}.{key}", f"unknown key (known in [{section}]: {known})"
+                )
             problem = SCHEMA[section][key](value)
             if problem:
                 raise SpecError(path, f"{section}.{key}", problem)
@@ -298,9 +304,9 @@ def load_spec(path: Path) -> ImageSpec:
                 )
             packages.remove(name)
     top = layers[-1].path
-    for section, key in sorted(REQUIRED):
-        if (section, key) not in merged:
-            raise SpecError(top, f"{section}.{key}", "is required")
+    for required in sorted(REQUIRED):
+        if required not in merged:
+            raise SpecError(top, ".".join(required), "is required")
 
     script_key = ("provision", "script")
     script = (origin[script_key].parent / merged[script_key]).resolve()

@@ -60,9 +60,9 @@ class Version:
         if fmt not in outputs:
             raise NotFound(
                 f"{self.ref} has no {fmt} output (it has: {', '.join(outputs)})",
-                hint=f"add \"{fmt}\" to image.formats in the spec and build again",
+                hint=f'add "{fmt}" to image.formats in the spec and build again',
             )
-        return self.path / outputs[fmt]["file"]
+        return self.path / str(outputs[fmt]["file"])
 
 
 def fsync_directory(path: Path) -> None:
@@ -129,7 +129,7 @@ class Store:
                 lock_path.unlink(missing_ok=True)
 
     def remove_stale_staging(self) -> list[str]:
-        removed = []
+        removed: list[str] = []
         if not self.staging_dir.is_dir():
             return removed
         for lock_path in sorted(self.staging_dir.glob("*.lock")):
@@ -226,8 +226,10 @@ class Store:
     def version(self, name: str, version_id: str) -> Version:
         path = self.images_dir / name / version_id
         if not (path / MANIFEST).is_file():
-            raise NotFound(f"image version {name}:{version_id} does not exist",
-                           hint=f"list versions with: rockpool image ls {name}")
+            raise NotFound(
+                f"image version {name}:{version_id} does not exist",
+                hint=f"list versions with: rockpool image ls {name}",
+            )
         return self._read(name, path)
 
     def resolve(self, ref: str) -> Version:
@@ -251,6 +253,8 @@ class Store:
         try:
             manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise NotFound(f"image version {name}:{path.name} has an unreadable manifest: {exc}",
-                           hint=f"remove the damaged version directory {path}") from None
+            raise NotFound(
+                f"image version {name}:{path.name} has an unreadable manifest: {exc}",
+                hint=f"remove the damaged version directory {path}",
+            ) from None
         return Version(name=name, id=path.name, path=path, manifest=manifest)

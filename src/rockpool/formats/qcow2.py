@@ -27,9 +27,21 @@ class Qcow2Format(OutputFormat):
         # zlib compression: every qemu-img reads it; writes stay in order (no -W), so
         # the same raw disk always gives the same qcow2.
         run(
-            [require_tool("qemu-img", "qemu-utils"), "convert", "-p", "-c",
-             "-f", "raw", "-O", "qcow2", "-o", "cluster_size=65536", raw_disk, target],
+            [
+                require_tool("qemu-img", "qemu-utils"),
+                "convert",
+                "-p",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                "cluster_size=65536",
+                raw_disk,
+                target,
+            ],
             on_line=progress,
-        )  # fmt: skip
+        )
         task.done()
         return Output(self.name, target)

@@ -30,16 +30,18 @@ MACHINE = {"amd64": ["-machine", "q35"], "arm64": ["-machine", "virt"]}
 HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 # (code, vars template) in the order they are tried.
 FIRMWARE = {
-    "amd64": [("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
-              ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd")],
+    "amd64": [
+        ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+        ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+    ],
     "arm64": [("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd")],
-}  # fmt: skip
+}
 PROBE_TIMEOUT = 20.0
 # amd64 reset vector: mov al,0x2a; out 0xf4,al (isa-debug-exit); hlt.
 _X86_PROBE = bytes.fromhex("b02ae6f4f4ebfd")
 _X86_PROBE_EXIT = (0x2A << 1) | 1
 # arm64 at address 0: PSCI SYSTEM_OFF through hvc, which makes QEMU exit with 0.
-_ARM_PROBE = bytes.fromhex("00018052" "0080b072" "020000d4")
+_ARM_PROBE = bytes.fromhex("000180520080b072020000d4")
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,10 @@ def find_firmware(arch: str) -> Firmware:
         if Path(code).is_file() and Path(variables).is_file():
             return Firmware(Path(code), Path(variables))
     package = host.FIRMWARE_PACKAGES[arch]
-    raise MissingTool(f"no UEFI firmware for {arch} guests is installed",
-                      hint=f"run: sudo apt-get install {package}")  # fmt: skip
+    raise MissingTool(
+        f"no UEFI firmware for {arch} guests is installed",
+        hint=f"run: sudo apt-get install {package}",
+    )
 
 
 def host_arch() -> str:
@@ -80,14 +84,38 @@ def kvm_usable(arch: str) -> bool:
             bios.write_bytes(bytes(image))
             # The same machine and CPU model as real VMs: a plain probe can pass where
             # `-cpu host` then fails (seen: MSR 0x10a assertion on first instruction).
-            argv = [binary, *MACHINE[arch], "-accel", "kvm", "-cpu", "host", "-display", "none",
-                    "-nodefaults", "-no-reboot", "-bios", str(bios),
-                    "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01"]  # fmt: skip
+            argv = [
+                binary,
+                *MACHINE[arch],
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host",
+                "-display",
+                "none",
+                "-nodefaults",
+                "-no-reboot",
+                "-bios",
+                str(bios),
+                "-device",
+                "isa-debug-exit,iobase=0xf4,iosize=0x01",
+            ]
             expected = _X86_PROBE_EXIT
         else:
             bios.write_bytes(_ARM_PROBE.ljust(64 * 1024, b"\0"))
-            argv = [binary, *MACHINE[arch], "-cpu", "host", "-accel", "kvm",
-                    "-display", "none", "-nodefaults", "-bios", str(bios)]  # fmt: skip
+            argv = [
+                binary,
+                *MACHINE[arch],
+                "-cpu",
+                "host",
+                "-accel",
+                "kvm",
+                "-display",
+                "none",
+                "-nodefaults",
+                "-bios",
+                str(bios),
+            ]
             expected = 0
         try:
             result = run(argv, check=False, timeout=PROBE_TIMEOUT)
@@ -158,27 +186,53 @@ class QemuVM:
         )
         netdev = "user,id=net0" + (f",{forwards}" if forwards else "")
         argv = [
-            QEMU_BINARY[c.arch], "-name", f"rockpool-{c.name}", *MACHINE[c.arch],
-            *accelerator_args(c.arch), "-smp", str(c.cpus), "-m", str(c.memory_mib),
-            "-nodefaults", "-display", "none", "-no-user-config",
-            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}",
-            "-drive", f"if=pflash,format=raw,unit=1,file={nvram}",
-            "-drive", f"if=none,id=root,format={c.disk_format},discard=unmap,file={c.disk}",
-            "-device", "virtio-blk-pci,drive=root,bootindex=0",
-            "-netdev", netdev, "-device", f"virtio-net-pci,netdev=net0,mac={c.mac}",
-            "-device", "virtio-rng-pci",
-            "-serial", f"file:{self.console_log}",
-            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
-        ]  # fmt: skip
+            QEMU_BINARY[c.arch],
+            "-name",
+            f"rockpool-{c.name}",
+            *MACHINE[c.arch],
+            *accelerator_args(c.arch),
+            "-smp",
+            str(c.cpus),
+            "-m",
+            str(c.memory_mib),
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-user-config",
+            "-drive",
+            f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}",
+            "-drive",
+            f"if=pflash,format=raw,unit=1,file={nvram}",
+            "-drive",
+            f"if=none,id=root,format={c.disk_format},discard=unmap,file={c.disk}",
+            "-device",
+            "virtio-blk-pci,drive=root,bootindex=0",
+            "-netdev",
+            netdev,
+            "-device",
+            f"virtio-net-pci,netdev=net0,mac={c.mac}",
+            "-device",
+            "virtio-rng-pci",
+            "-serial",
+            f"file:{self.console_log}",
+            "-qmp",
+            f"unix:{self.qmp_socket},server=on,wait=off",
+        ]
         if c.carrier is not None:
-            argv += ["-drive", f"if=none,id=config,format=raw,readonly=on,file={c.carrier}",
-                     "-device", "virtio-blk-pci,drive=config"]  # fmt: skip
+            argv += [
+                "-drive",
+                f"if=none,id=config,format=raw,readonly=on,file={c.carrier}",
+                "-device",
+                "virtio-blk-pci,drive=config",
+            ]
         return argv
 
     def start(self) -> None:
         binary = QEMU_BINARY[self.config.arch]
-        host.require({binary: "qemu-system-x86" if self.config.arch == "amd64"
-                      else "qemu-system-arm"}, "running a VM")  # fmt: skip
+        host.require(
+            {binary: "qemu-system-x86" if self.config.arch == "amd64" else "qemu-system-arm"},
+            "running a VM",
+        )
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
         self.qmp_socket.unlink(missing_ok=True)
         self.started_at = time.monotonic()
@@ -261,7 +315,18 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 def create_overlay(base: Path, base_format: str, overlay: Path, size: int | None = None) -> None:
     """A qcow2 overlay whose backing file is base: O(1) whatever base's size."""
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", base_format, "-b", base, overlay]
+    argv: list[str | Path] = [
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        base_format,
+        "-b",
+        base,
+        overlay,
+    ]
     if size is not None:
         argv.append(str(size))
     run(argv)

@@ -1,0 +1,124 @@
+"""A booted test guest: the real QEMU runner, a config disk, SSH and HTTP through
+port forwards on 127.0.0.1."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+from rockpool.carrier import write_carrier
+from rockpool.runtime.qemu import QemuVM, VMConfig, create_overlay, free_port
+from rockpool.store import Version
+
+BOOT_DEADLINE = 420.0  # generous: TCG on a loaded 2-core machine
+
+
+class Guest:
+    def __init__(self, image: Version, run_dir: Path, ssh_key: Path, disk_size: int | None = None):
+        self.image = image
+        self.run_dir = run_dir
+        self.ssh_key = ssh_key
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.disk = run_dir / "disk.qcow2"
+        create_overlay(image.output_path("qcow2"), "qcow2", self.disk, disk_size)
+        self.carrier = run_dir / "config.img"
+        self.vm: QemuVM | None = None
+
+    def configure(self, env: dict[str, str], *, validate: bool = True) -> None:
+        write_carrier(
+            self.carrier, env, self.ssh_key.with_suffix(".pub").read_text(), validate=validate
+        )
+
+    def start(self) -> None:
+        config = VMConfig(
+            name=self.run_dir.name,
+            arch=self.image.manifest["architecture"],
+            disk=self.disk,
+            disk_format="qcow2",
+            run_dir=self.run_dir,
+            carrier=self.carrier,
+            forwards={8080: free_port(), 22: free_port()},
+        )
+        self.vm = QemuVM(config)
+        self.vm.start()
+
+    @property
+    def running(self) -> QemuVM:
+        assert self.vm is not None, "start() the guest first"
+        return self.vm
+
+    def wait_healthz(self) -> float:
+        return self.running.wait_http(8080, "/healthz", BOOT_DEADLINE)
+
+    def http_get(self, path: str) -> tuple[int, bytes]:
+        return self.running.http_get(8080, path)
+
+    def ssh_argv(self, command: str) -> list[str]:
+        return [
+            "ssh",
+            "-i",
+            str(self.ssh_key),
+            "-p",
+            str(self.running.config.forwards[22]),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=10",
+            "-o",
+            "BatchMode=yes",
+            f"{self.image.manifest['user']}@127.0.0.1",
+            command,
+        ]
+
+    def ssh(self, command: str, check: bool = True, timeout: float = 120) -> str:
+        result = subprocess.run(
+            self.ssh_argv(command), capture_output=True, text=True, timeout=timeout
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"ssh {command!r} exited {result.returncode}: {result.stderr}")
+        return result.stdout
+
+    def wait_ssh(self) -> None:
+        deadline = time.monotonic() + BOOT_DEADLINE
+        while time.monotonic() < deadline:
+            assert self.running.alive(), f"QEMU died; console: {self.running.console_log}"
+            probe = subprocess.run(self.ssh_argv("true"), capture_output=True, timeout=60)
+            if probe.returncode == 0:
+                return
+            time.sleep(1)  # poll interval between readiness probes
+        raise AssertionError(f"no SSH within {BOOT_DEADLINE}s; console: {self.running.console_log}")
+
+    def start_guest_app(self, port: int) -> None:
+        """A tiny HTTP app in the guest that answers with the path it was asked for."""
+        app = (
+            "import http.server\n"
+            "class Echo(http.server.BaseHTTPRequestHandler):\n"
+            "    def do_GET(self):\n"
+            "        body = self.path.encode()\n"
+            "        self.send_response(200)\n"
+            "        self.send_header('Content-Length', str(len(body)))\n"
+            "        self.end_headers()\n"
+            "        self.wfile.write(body)\n"
+            f"http.server.HTTPServer(('127.0.0.1', {port}), Echo).serve_forever()\n"
+        )
+        self.ssh(
+            f"printf %s {shlex.quote(app)} > /tmp/echo.py && "
+            "(setsid nohup python3 /tmp/echo.py >/tmp/echo.log 2>&1 &)"
+        )
+        self.ssh(
+            f"for i in $(seq 1 100); do curl -fsS -o /dev/null http://127.0.0.1:{port}/ "
+            "&& exit 0; sleep 0.2; done; exit 1"
+        )
+
+    def stop(self) -> bool:
+        return self.vm.stop() if self.vm is not None else True
+
+    def kill(self) -> None:
+        if self.vm is not None:
+            self.vm.kill()

@@ -1,0 +1,244 @@
+"""End to end: build the default image once, check it offline, boot it under QEMU
+(KVM when it really works, else TCG) and exercise the init contract."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rockpool.store import Version
+from tests.e2e.conftest import DEFAULT_SPEC, rockpool_env
+from tests.e2e.guest import Guest
+
+pytestmark = pytest.mark.vm
+MIB = 1 << 20
+
+
+def debugfs(version: Version, request: str) -> str:
+    offset = version.manifest["disk"]["root_offset"]
+    raw = version.output_path("raw")
+    result = subprocess.run(
+        ["debugfs", "-R", request, f"{raw}?offset={offset}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout
+
+
+def test_manifest_records_inputs_versions_and_outputs(
+    built_image: Version, store_home: Path
+) -> None:
+    manifest = built_image.manifest
+    assert re.fullmatch(r"[0-9a-f]{64}", manifest["input_digest"])
+    assert manifest["build_seconds"] > 0
+    assert set(manifest["stage_seconds"]) >= {"bootstrap", "provision", "disk", "formats"}
+    packages = manifest["packages"]
+    assert packages["npm"]["code-server"] == "4.139.1"
+    assert packages["npm"]["node"].startswith("24.")
+    assert "systemd" in packages["debian"] and "openssh-server" in packages["debian"]
+    outputs = manifest["outputs"]
+    assert set(outputs) == {"raw", "qcow2"}
+    qcow2 = built_image.output_path("qcow2")
+    assert hashlib.sha256(qcow2.read_bytes()).hexdigest() == outputs["qcow2"]["sha256"]
+    assert built_image.output_path("raw").stat().st_size == 20 << 30
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(qcow2)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert info["format"] == "qcow2" and info["virtual-size"] == 20 << 30
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "rockpool", "image", "ls", "--json"],
+        env=rockpool_env(store_home),
+        capture_output=True,
+        text=True,
+    )
+    assert built_image.ref in [row["image"] for row in json.loads(listed.stdout)]
+    inspected = subprocess.run(
+        [sys.executable, "-m", "rockpool", "image", "inspect", "workspace:latest", "--json"],
+        env=rockpool_env(store_home),
+        capture_output=True,
+        text=True,
+    )
+    assert json.loads(inspected.stdout)["version"] == built_image.id
+
+
+def test_unchanged_inputs_rebuild_nothing(built_image: Version, store_home: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "rockpool", "image", "build", str(DEFAULT_SPEC), "--json"],
+        env=rockpool_env(store_home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    again = json.loads(result.stdout)
+    assert again["reused"] is True and again["version"] == built_image.id
+
+
+def test_disk_layout_boots_from_the_removable_path(built_image: Version) -> None:
+    raw = built_image.output_path("raw")
+    table = json.loads(
+        subprocess.run(
+            ["sfdisk", "--json", str(raw)], capture_output=True, text=True, check=True
+        ).stdout
+    )["partitiontable"]
+    assert table["label"] == "gpt"
+    esp, root = table["partitions"]
+    assert esp["type"] == "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+    assert root["start"] * 512 == built_image.manifest["disk"]["root_offset"]
+    listing = subprocess.run(
+        ["mdir", "-b", "-i", f"{raw}@@{esp['start'] * 512}", "::/EFI/BOOT"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"},
+    ).stdout
+    assert "BOOTX64.EFI" in listing.upper()
+
+
+def test_image_carries_no_identity_and_no_build_material(built_image: Version) -> None:
+    assert debugfs(built_image, "stat /etc/machine-id").count("Size: 0") == 1
+    ssh_dir = debugfs(built_image, "ls -l /etc/ssh")
+    assert "ssh_host_" not in ssh_dir, "SSH host keys were baked into the image"
+    assert "stub-resolv.conf" in debugfs(built_image, "stat /etc/resolv.conf")
+    assert "Packages" not in debugfs(built_image, "ls -l /var/lib/apt/lists")
+    assert ".deb" not in debugfs(built_image, "ls -l /var/cache/apt/archives")
+    root_home = debugfs(built_image, "ls -l /root")
+    for leftover in (".npm", ".config", ".cache", ".bash_history"):
+        assert leftover not in root_home
+    assert "password" not in debugfs(built_image, "cat /etc/shadow").lower()
+    shadow = debugfs(built_image, "cat /etc/shadow")
+    for line in shadow.splitlines():
+        assert line.split(":")[1] in ("*", "!", "!*", "!!"), f"a password is set: {line[:20]}"
+
+
+def host_only_certificates(guest_bundle: str) -> list[str]:
+    """Certificates the host trusts that a stock Debian does not (e.g. a TLS proxy's CA)."""
+    host_bundle = Path(
+        ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt"
+    ).read_text()
+    pattern = r"-----BEGIN CERTIFICATE-----\n(.*?)-----END CERTIFICATE-----"
+    guest = set(re.findall(pattern, guest_bundle, re.S))
+    return [c for c in re.findall(pattern, host_bundle, re.S) if c not in guest]
+
+
+def assert_no_build_material(guest: Guest) -> None:
+    guest_bundle = guest.ssh("cat /etc/ssl/certs/ca-certificates.crt")
+    for cert in host_only_certificates(guest_bundle):
+        needle = cert.splitlines()[1]  # one distinctive base64 line of the host-only CA
+        found = guest.ssh(
+            f"sudo grep -rlF -- '{needle}' /etc /root /home /usr/local /var /opt "
+            "2>/dev/null || true"
+        )
+        assert not found.strip(), f"host CA material left in the image: {found}"
+    assert not guest.ssh("env | grep -i _proxy= || true").strip()
+    assert not guest.ssh(
+        "sudo grep -rli proxy /etc/environment /etc/apt/apt.conf.d "
+        "/etc/profile.d /usr/local/etc 2>/dev/null || true"
+    ).strip()
+    assert guest.ssh("readlink /etc/resolv.conf").strip().endswith("stub-resolv.conf")
+    assert not guest.ssh(
+        "ls /var/lib/apt/lists | grep -v -e '^lock$' -e '^partial$' || true"
+    ).strip()
+    assert not guest.ssh("ls /var/cache/apt/archives/*.deb 2>/dev/null || true").strip()
+    assert guest.ssh("sudo ls -A /root").split() in (
+        [".bashrc", ".profile"],
+        [".bashrc", ".profile", ".ssh"],
+    )
+    assert not guest.ssh(
+        "ls -A ~/.npm /tmp/rockpool* /run/rockpool-build 2>/dev/null || true"
+    ).strip()
+    assert not guest.ssh("sudo find /var/log -name '*rockpool*' -o -name '*setup*' | head").strip()
+
+
+TOOLS = ("git", "ssh", "bash", "curl", "wget", "jq", "node", "npm", "python3", "make", "gcc")
+
+
+def test_boot_serves_code_server_at_the_workspace_path(
+    built_image: Version, ssh_key: Path, tmp_path: Path
+) -> None:
+    # The disk file is larger than the image, as when Tart or Incus resize it.
+    guest = Guest(built_image, tmp_path / "alice", ssh_key, disk_size=24 << 30)
+    guest.configure({"ROCKPOOL_WORKSPACE_NAME": "alice", "ROCKPOOL_TEAM": "blue"})
+    try:
+        guest.start()
+        guest.wait_healthz()
+        status, body = guest.http_get("/healthz")
+        assert status == 200 and json.loads(body)["status"] in ("alive", "expired")
+
+        guest.wait_ssh()
+        guest.start_guest_app(5173)
+        status, body = guest.http_get("/absproxy/5173/hello/world?x=1")
+        assert status == 200
+        assert body.decode() == "/workspace/alice/absproxy/5173/hello/world?x=1"
+
+        found = guest.ssh(
+            "bash -lc 'for t in " + " ".join(TOOLS) + "; do command -v $t || echo MISSING:$t; done'"
+        )
+        assert "MISSING" not in found, found
+        assert "v24." in guest.ssh("node --version")
+        assert guest.ssh("hostname").strip() == "alice"
+        assert re.fullmatch(r"[0-9a-f]{32}\n", guest.ssh("cat /etc/machine-id"))
+        machine_id = guest.ssh("cat /etc/machine-id")
+        assert "ssh_host_ed25519_key" in guest.ssh("ls /etc/ssh")
+        env = guest.ssh(
+            "sudo cat /proc/$(systemctl show -p MainPID --value code-server)/environ "
+            "| tr '\\0' '\\n'"
+        )
+        assert "ROCKPOOL_TEAM=blue" in env and "ROCKPOOL_WORKSPACE_NAME=alice" in env
+        assert "User=coder" in guest.ssh("systemctl show -p User code-server")
+        # The root filled the larger disk on first boot.
+        root_bytes = int(guest.ssh("df --output=size -B1 / | tail -1"))
+        assert root_bytes > 22 << 30
+        assert_no_build_material(guest)
+        # SSH is key-only.
+        assert "passwordauthentication no" in guest.ssh("sudo sshd -T").lower()
+
+        assert guest.stop(), "the guest did not power off on ACPI shutdown"
+        guest.configure({"ROCKPOOL_WORKSPACE_NAME": "bob"})
+        guest.start()
+        guest.wait_healthz()
+        guest.wait_ssh()
+        guest.start_guest_app(5173)
+        status, body = guest.http_get("/absproxy/5173/again")
+        assert status == 200 and body.decode() == "/workspace/bob/absproxy/5173/again"
+        assert guest.ssh("hostname").strip() == "bob"
+        assert guest.ssh("cat /etc/machine-id") == machine_id  # identity persists on reboot
+    finally:
+        guest.kill()
+
+
+def test_invalid_workspace_name_fails_the_init_unit(
+    built_image: Version, ssh_key: Path, tmp_path: Path
+) -> None:
+    guest = Guest(built_image, tmp_path / "invalid", ssh_key)
+    guest.configure({"ROCKPOOL_WORKSPACE_NAME": "Not_A-Slug-"}, validate=False)
+    try:
+        guest.start()
+        guest.wait_ssh()  # keys still arrive, so an operator can look
+        assert guest.ssh("systemctl is-failed rockpool-init", check=False).strip() == "failed"
+        journal = guest.ssh("sudo journalctl -b -u rockpool-init --no-pager")
+        assert "invalid ROCKPOOL_WORKSPACE_NAME 'Not_A-Slug-'" in journal
+        # code-server was never started with a broken path, and nothing answers.
+        active = guest.ssh("systemctl is-active code-server", check=False).strip()
+        assert active in ("inactive", "failed")
+        assert "code-server" not in guest.ssh(
+            "ps -eo comm,args | grep -v grep | grep entry.js || true"
+        )
+        with pytest.raises(OSError):
+            guest.http_get("/healthz")
+    finally:
+        guest.kill()
