@@ -186,8 +186,8 @@ fail() { echo "rockpool-init: $*" >&2; exit 1; }
 
 mkdir -p /run/rockpool
 rm -f "$ENV_OUT"
-udevadm settle --timeout=10 || true
-if ! udevadm wait --timeout=10 "$DEVICE" 2>/dev/null && [ ! -e "$DEVICE" ]; then
+# Wait for this one device only: a full `udevadm settle` costs seconds at every boot.
+if ! udevadm wait --timeout=15 "$DEVICE" 2>/dev/null && [ ! -e "$DEVICE" ]; then
   fail "no config disk with label $LABEL is attached, so ROCKPOOL_WORKSPACE_NAME is unset; code-server will not start (attach one: see docs/init-contract.md)"
 fi
 mkdir -p "$MOUNT"
@@ -311,8 +311,15 @@ CONF
 #!/bin/bash
 set -euo pipefail
 source=$(findmnt -n -o SOURCE /)
-disk=/dev/$(lsblk -n -o PKNAME "$source" | head -n1)
-part=$(cat "/sys/class/block/$(basename "$source")/partition")
+parent=$(lsblk -n -o PKNAME "$source" | head -n1)
+disk=/dev/$parent
+sys_part=/sys/class/block/$(basename "$source")
+part=$(cat "$sys_part/partition")
+# Nothing to do unless the disk has grown past the partition (and the backup GPT's MiB).
+end=$(($(cat "$sys_part/start") + $(cat "$sys_part/size")))
+if [ $(($(cat "/sys/class/block/$parent/size") - end)) -le 4096 ]; then
+  exit 0
+fi
 # growpart exits 1 when there is nothing to grow.
 if growpart "$disk" "$part"; then
   echo "rockpool-growroot: grew partition $part of $disk"
@@ -352,8 +359,10 @@ CONF
 
   systemctl enable systemd-networkd.service systemd-resolved.service ssh.service \
     rockpool-init.service code-server.service rockpool-growroot.service
-  # Nothing here waits for the network; waiting would only slow the boot.
-  systemctl mask systemd-networkd-wait-online.service
+  # Nothing here waits for the network; waiting would only slow the boot. A workspace
+  # changes its packages when its user says so, not on a timer.
+  systemctl mask systemd-networkd-wait-online.service e2scrub_reap.service \
+    e2scrub_all.timer apt-daily.timer apt-daily-upgrade.timer
   # In a build root, DNS is systemd-resolved's from the first boot on; a live VM keeps
   # its working resolver until it reboots.
   if [ ! -d /run/systemd/system ]; then

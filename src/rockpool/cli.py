@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _raise_interrupted)
     try:
         args = build_parser().parse_args(args_list)
-        with Reporter(quiet=args.quiet or (wants_json and not sys.stderr.isatty())) as reporter:
+        with Reporter(quiet=args.quiet) as reporter:
             return int(args.handler(args, reporter))
     except BrokenPipeError:
         # The reader went away (`rockpool image ls | head`): stop quietly, as shells do.

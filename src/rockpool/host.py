@@ -31,7 +31,7 @@ RUN_TOOLS = {
 }
 RUN_TOOLS_ARM64 = {"qemu-system-aarch64": "qemu-system-arm"}
 FIRMWARE_PACKAGES = {"amd64": "ovmf", "arm64": "qemu-efi-aarch64"}
-TEST_PACKAGES = ("openssh-client",)
+TEST_PACKAGES = ("openssh-client", "caddy")  # caddy: the real reverse proxy in tests
 # Everything `rockpool host setup` installs, for building and running both architectures.
 ALL_PACKAGES = sorted(
     {

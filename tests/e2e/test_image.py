@@ -10,10 +10,12 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urljoin, urlsplit
 
 import pytest
 
 from rockpool.store import Version
+from tests.e2e.caddy import caddy_in_front, get
 from tests.e2e.conftest import DEFAULT_SPEC, rockpool_env
 from tests.e2e.guest import Guest
 
@@ -164,6 +166,32 @@ def assert_no_build_material(guest: Guest) -> None:
     assert not guest.ssh("sudo find /var/log -name '*rockpool*' -o -name '*setup*' | head").strip()
 
 
+def check_behind_caddy(guest: Guest, name: str, work: Path) -> None:
+    """Route as Rockpool does: Caddy strips /workspace/<name> and proxies to code-server."""
+    prefix = f"/workspace/{name}/"
+    with caddy_in_front(name, guest.running.config.forwards[8080], work) as port:
+        status, headers, _ = get(port, prefix.rstrip("/"))
+        assert status in (301, 302, 307, 308) and headers["Location"].endswith(prefix)
+        path = prefix
+        for _ in range(5):  # code-server may redirect relatively (e.g. to ./?folder=...)
+            status, headers, page = get(port, path)
+            if status not in (301, 302, 303, 307, 308):
+                break
+            path = urljoin(path, headers["Location"])
+        assert status == 200, (status, page[:300])
+        assert urlsplit(path).path.startswith(prefix), f"redirected out of the prefix: {path}"
+        assets = re.findall(rb'(?:src|href)="([^"#:]+\.(?:js|css))"', page)
+        assert assets, "the workbench page references no scripts or styles"
+        for asset in assets[:5]:
+            url = urljoin(path, asset.decode())
+            assert url.startswith(prefix), f"{asset!r} escapes the prefix"
+            assert get(port, url)[0] == 200, url
+        status, _, body = get(port, prefix + "healthz")
+        assert status == 200
+        status, _, body = get(port, prefix + "absproxy/5173/via/caddy")
+        assert status == 200 and body.decode() == f"{prefix}absproxy/5173/via/caddy"
+
+
 TOOLS = ("git", "ssh", "bash", "curl", "wget", "jq", "node", "npm", "python3", "make", "gcc")
 
 
@@ -184,6 +212,8 @@ def test_boot_serves_code_server_at_the_workspace_path(
         status, body = guest.http_get("/absproxy/5173/hello/world?x=1")
         assert status == 200
         assert body.decode() == "/workspace/alice/absproxy/5173/hello/world?x=1"
+
+        check_behind_caddy(guest, "alice", tmp_path / "caddy")
 
         found = guest.ssh(
             "bash -lc 'for t in " + " ".join(TOOLS) + "; do command -v $t || echo MISSING:$t; done'"
