@@ -46,11 +46,45 @@ def kernel_command_line(ctx: BuildContext) -> str:
     return f"root=UUID={ctx.identity.root_fs_uuid} ro {CONSOLES[ctx.spec.architecture]}"
 
 
-def write_fstab(ctx: BuildContext) -> None:
+# Kernel updates inside a workspace (apt upgrade) must reach the ESP, or the VM would
+# keep booting an old kernel whose modules apt has removed.
+ESP_SYNC_HOOK = """#!/bin/sh
+# Copies the newest installed kernel and initrd to the EFI system partition, where
+# systemd-boot loads them. Installed by rockpool; run by kernel and initramfs updates.
+set -e
+esp=/boot/efi
+ls "$esp" >/dev/null 2>&1 || exit 0  # triggers the automount; no ESP: nothing to do
+newest=$(linux-version list | linux-version sort | tail -n 1)
+[ -n "$newest" ] && [ -f "/boot/vmlinuz-$newest" ] && [ -f "/boot/initrd.img-$newest" ] || exit 0
+for pair in "vmlinuz-$newest:vmlinuz" "initrd.img-$newest:initrd.img"; do
+    cp "/boot/${pair%%:*}" "$esp/${pair#*:}.new"
+    sync "$esp/${pair#*:}.new"
+    mv "$esp/${pair#*:}.new" "$esp/${pair#*:}"
+done
+"""
+ESP_SYNC_HOOK_PATHS = (
+    "etc/kernel/postinst.d/zz-rockpool-esp",
+    "etc/kernel/postrm.d/zz-rockpool-esp",
+    "etc/initramfs/post-update.d/zz-rockpool-esp",
+)
+
+
+def write_boot_config(ctx: BuildContext) -> None:
+    """fstab for the root and the ESP, and the hooks that keep the ESP current."""
+    identity = ctx.identity
     (ctx.root / "etc/fstab").write_text(
         "# The root filesystem; rockpool-growroot.service grows it with the disk.\n"
-        f"UUID={ctx.identity.root_fs_uuid} / ext4 defaults,errors=remount-ro 0 1\n"
+        f"UUID={identity.root_fs_uuid} / ext4 defaults,errors=remount-ro 0 1\n"
+        "# The EFI system partition, mounted on first use (kernel updates).\n"
+        f"PARTUUID={identity.esp_guid} /boot/efi vfat "
+        "umask=0077,noauto,nofail,x-systemd.automount,x-systemd.idle-timeout=60 0 0\n"
     )
+    (ctx.root / "boot/efi").mkdir(parents=True, exist_ok=True)
+    for relative in ESP_SYNC_HOOK_PATHS:
+        hook = ctx.root / relative
+        hook.parent.mkdir(parents=True, exist_ok=True)
+        hook.write_text(ESP_SYNC_HOOK)
+        hook.chmod(0o755)
 
 
 def build_esp(ctx: BuildContext, esp: Path) -> None:
@@ -103,7 +137,7 @@ def build_esp(ctx: BuildContext, esp: Path) -> None:
 def assemble_disk(ctx: BuildContext) -> None:
     spec, identity = ctx.spec, ctx.identity
     esp = ctx.work / "esp.img"
-    write_fstab(ctx)
+    write_boot_config(ctx)
     build_esp(ctx, esp)
 
     root_start = MIB + ESP_SIZE

@@ -28,16 +28,21 @@ def rockpool_env(home: Path) -> dict[str, str]:
     return {**os.environ, "ROCKPOOL_HOME": str(home), "PYTHONUNBUFFERED": "1"}
 
 
+def run_rockpool(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The real CLI, as the worker calls it, against the test store."""
+    return subprocess.run(
+        [sys.executable, "-m", "rockpool", *args],
+        env=rockpool_env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture(scope="session")
 def built_image(store_home: Path) -> Version:
     """The default image, built once per run by the real CLI."""
-    result = subprocess.run(
-        [sys.executable, "-m", "rockpool", "image", "build", str(DEFAULT_SPEC), "--json"],
-        env=rockpool_env(store_home),
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
+    result = run_rockpool(store_home, "image", "build", str(DEFAULT_SPEC), "--json", timeout=3600)
     assert result.returncode == 0, f"build failed:\n{result.stderr[-4000:]}"
     built = json.loads(result.stdout)
     store = Store(store_home)

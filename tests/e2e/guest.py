@@ -76,9 +76,11 @@ class Guest:
             command,
         ]
 
-    def ssh(self, command: str, check: bool = True, timeout: float = 120) -> str:
+    def ssh(
+        self, command: str, check: bool = True, timeout: float = 120, stdin: str | None = None
+    ) -> str:
         result = subprocess.run(
-            self.ssh_argv(command), capture_output=True, text=True, timeout=timeout
+            self.ssh_argv(command), capture_output=True, text=True, timeout=timeout, input=stdin
         )
         if check and result.returncode != 0:
             raise AssertionError(f"ssh {command!r} exited {result.returncode}: {result.stderr}")
