@@ -137,6 +137,7 @@ install_code_server() {
   say "code-server: installing $SETUP_CODE_SERVER_VERSION (compiles native modules; takes minutes)"
   # nodedir makes node-gyp use the headers installed above instead of downloading them.
   npm_config_nodedir=/usr/local npm_config_cache="$WORK/npm-cache" \
+    npm_config_update_notifier=false npm_config_fund=false \
     npm install --global --no-audit --no-fund --loglevel=warn \
     --registry "$SETUP_NPM_REGISTRY/" \
     --allow-scripts=code-server,argon2 \

@@ -22,30 +22,34 @@ pytestmark = pytest.mark.vm
 DEADLINE = 600.0
 
 
-def start_build(store_home: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+def existing_logs(store_home: Path) -> set[Path]:
+    return set((store_home / "logs").glob("*.log"))
+
+
+def start_build(store_home: Path) -> tuple[subprocess.Popen[str], set[Path]]:
+    logs_before = existing_logs(store_home)
+    build = subprocess.Popen(
         [sys.executable, "-m", "rockpool", "image", "build", str(DEFAULT_SPEC), "--force"],
         env=rockpool_env(store_home),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
+    return build, logs_before
 
 
-def newest_log(store_home: Path) -> Path | None:
-    logs = sorted((store_home / "logs").glob("*.log"), key=lambda p: p.stat().st_mtime)
-    return logs[-1] if logs else None
-
-
-def wait_for_log(store_home: Path, build: subprocess.Popen[str], marker: str) -> None:
+def wait_for_log(
+    store_home: Path, build: subprocess.Popen[str], logs_before: set[Path], marker: str
+) -> None:
+    """Wait until this build's own log (not an earlier one) shows marker."""
     deadline = time.monotonic() + DEADLINE
     while time.monotonic() < deadline:
         assert build.poll() is None, (
             f"build ended early: {build.stderr.read() if build.stderr else ''}"
         )
-        log = newest_log(store_home)
-        if log is not None and marker in log.read_text(errors="replace"):
-            return
+        for log in existing_logs(store_home) - logs_before:
+            if marker in log.read_text(errors="replace"):
+                return
         time.sleep(0.5)  # poll interval for the log
     raise AssertionError(f"the build log never showed {marker!r}")
 
@@ -82,8 +86,8 @@ def wait_until_clean(store_home: Path) -> list[str]:
 
 
 def test_kill_9_during_bootstrap_leaves_no_version_process_or_mount(store_home: Path) -> None:
-    build = start_build(store_home)
-    wait_for_log(store_home, build, "installing remaining packages inside the chroot")
+    build, logs_before = start_build(store_home)
+    wait_for_log(store_home, build, logs_before, "installing remaining packages inside the chroot")
     os.kill(build.pid, signal.SIGKILL)
     build.wait()
     assert wait_until_clean(store_home) == []
@@ -99,8 +103,8 @@ def test_kill_9_during_bootstrap_leaves_no_version_process_or_mount(store_home: 
 def test_ctrl_c_during_provision_cleans_up_at_once(store_home: Path) -> None:
     store = Store(store_home)
     before = [v.id for v in store.versions("workspace")]
-    build = start_build(store_home)
-    wait_for_log(store_home, build, "code-server: installing")
+    build, logs_before = start_build(store_home)
+    wait_for_log(store_home, build, logs_before, "code-server: installing")
     os.kill(build.pid, signal.SIGINT)
     _, stderr = build.communicate(timeout=120)
     assert build.returncode == 130, stderr
