@@ -16,7 +16,6 @@ CADDYFILE = """
 {{
     admin off
     auto_https off
-    persist_config off
 }}
 http://127.0.0.1:{port} {{
     redir /workspace/{name} /workspace/{name}/
