@@ -1,7 +1,7 @@
 #!/bin/bash
 # Prepares a fresh Debian/Ubuntu machine: Python, the project's venv, and the host tools
 # (mmdebstrap, qemu-utils, qemu-system, ovmf, e2fsprogs, dosfstools, mtools, ...).
-# Run as root or with sudo. Idempotent.
+# Run as root or with sudo. Idempotent. Usage: setup-host.sh [--with-tests]
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 [ "$(id -u)" -eq 0 ] || { echo "run as root: sudo $0" >&2; exit 1; }
@@ -18,4 +18,5 @@ if [ ! -x "$repo/.venv/bin/python" ]; then
   python3 -m venv "$repo/.venv"
 fi
 "$repo/.venv/bin/pip" install --quiet --disable-pip-version-check -e "$repo[dev]"
-"$repo/.venv/bin/rockpool" host setup
+# --with-tests: also what the test suite needs (caddy, the SSH client).
+"$repo/.venv/bin/rockpool" host setup "$@"

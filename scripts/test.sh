@@ -4,7 +4,7 @@
 # Extra arguments go to pytest (e.g. -m "not vm" for the fast tests only).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-"$repo/scripts/setup-host.sh"
+"$repo/scripts/setup-host.sh" --with-tests
 cd "$repo"
 "$repo/.venv/bin/ruff" check src tests bench
 "$repo/.venv/bin/mypy"

@@ -7,6 +7,10 @@
 #   - on a live, booted Debian VM over SSH, as Packer's shell provisioner runs it.
 # It is idempotent: running it again changes nothing that is already in place.
 #
+# Standalone (Packer's shell provisioner, or by hand on a live VM): pass the spec's
+# package list in SETUP_PACKAGES, then run /usr/local/sbin/rockpool-seal last, just
+# before the VM is shut down and captured.
+#
 # Inputs (environment variables; the builder sets them from the image spec):
 #   SETUP_USER                 workspace user (default: coder)
 #   SETUP_NODE_MAJOR           Node.js major version (default: 24)
@@ -168,6 +172,18 @@ write_file() { # path mode: content on stdin
   mv "$1.rockpool-new" "$1"
 }
 
+other_network_manager() {
+  [ -d /run/systemd/system ] || return 1
+  local unit
+  for unit in NetworkManager.service networking.service; do
+    if systemctl is-enabled --quiet "$unit" 2>/dev/null; then
+      echo "$unit"
+      return 0
+    fi
+  done
+  return 1
+}
+
 configure_system() {
   say "system: writing units and configuration"
   write_file /usr/local/lib/rockpool/rockpool-init 0755 <<'INIT'
@@ -187,8 +203,13 @@ fail() { echo "rockpool-init: $*" >&2; exit 1; }
 
 mkdir -p /run/rockpool
 rm -f "$ENV_OUT"
+home=$(getent passwd "$WORKSPACE_USER" | cut -d: -f6)
+keys=$home/.ssh/authorized_keys
+
 # Wait for this one device only: a full `udevadm settle` costs seconds at every boot.
-if ! udevadm wait --timeout=15 "$DEVICE" 2>/dev/null && [ ! -e "$DEVICE" ]; then
+# The wait is long because udev's coldplug can take 20 s under emulation.
+if ! udevadm wait --timeout=45 "$DEVICE" 2>/dev/null && [ ! -e "$DEVICE" ]; then
+  rm -f "$keys"  # keys come from the config disk of this boot, or there are none
   fail "no config disk with label $LABEL is attached, so ROCKPOOL_WORKSPACE_NAME is unset; code-server will not start (attach one: see docs/init-contract.md)"
 fi
 mkdir -p "$MOUNT"
@@ -196,11 +217,13 @@ mountpoint -q "$MOUNT" && umount "$MOUNT"
 mount -o ro,nosuid,nodev,noexec "$DEVICE" "$MOUNT"
 trap 'umount "$MOUNT" 2>/dev/null || true' EXIT
 
-home=$(getent passwd "$WORKSPACE_USER" | cut -d: -f6)
 if [ -f "$MOUNT/authorized_keys" ]; then
   install -d -m 0700 -o "$WORKSPACE_USER" -g "$WORKSPACE_USER" "$home/.ssh"
-  install -m 0600 -o "$WORKSPACE_USER" -g "$WORKSPACE_USER" "$MOUNT/authorized_keys" "$home/.ssh/authorized_keys"
+  install -m 0600 -o "$WORKSPACE_USER" -g "$WORKSPACE_USER" "$MOUNT/authorized_keys" "$keys"
   echo "rockpool-init: installed SSH authorized keys for $WORKSPACE_USER"
+else
+  rm -f "$keys"
+  echo "rockpool-init: the config disk has no authorized_keys; SSH login is closed"
 fi
 
 [ -f "$MOUNT/env" ] || fail "the config disk has no env file, so ROCKPOOL_WORKSPACE_NAME is unset; code-server will not start"
@@ -284,14 +307,13 @@ UNIT
   write_file /etc/systemd/system/rockpool-hostkeys.service 0644 <<'UNIT'
 [Unit]
 Description=Generate this machine's own SSH host keys
-ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
 Before=ssh.service
 
 [Service]
 Type=oneshot
-# Ed25519 and ECDSA only: RSA key generation costs ~10 s under emulation.
-ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
-ExecStart=/usr/bin/ssh-keygen -q -t ecdsa -N "" -f /etc/ssh/ssh_host_ecdsa_key
+# Ed25519 and ECDSA only: RSA key generation costs ~10 s under emulation. Each key is
+# made only if missing, so a half-finished first boot completes on the next.
+ExecStart=/bin/sh -c 'for type in ed25519 ecdsa; do key=/etc/ssh/ssh_host_$${type}_key; [ -s "$$key" ] || { rm -f "$$key" "$$key.pub"; ssh-keygen -q -t "$$type" -N "" -f "$$key"; }; done'
 UNIT
   write_file /etc/systemd/system/ssh.service.d/50-rockpool.conf 0644 <<'UNIT'
 [Unit]
@@ -321,10 +343,14 @@ end=$(($(cat "$sys_part/start") + $(cat "$sys_part/size")))
 if [ $(($(cat "/sys/class/block/$parent/size") - end)) -le 4096 ]; then
   exit 0
 fi
-# growpart exits 1 when there is nothing to grow.
-if growpart "$disk" "$part"; then
-  echo "rockpool-growroot: grew partition $part of $disk"
-fi
+# growpart exits 1 when there is nothing to grow, 2 on a real failure.
+status=0
+growpart "$disk" "$part" || status=$?
+case $status in
+  0) echo "rockpool-growroot: grew partition $part of $disk" ;;
+  1) ;;
+  *) echo "rockpool-growroot: growpart failed ($status)" >&2; exit "$status" ;;
+esac
 resize2fs "$source"
 GROW
   write_file /etc/systemd/system/rockpool-growroot.service 0644 <<'UNIT'
@@ -358,8 +384,15 @@ NET
 SystemMaxUse=100M
 CONF
 
-  systemctl enable systemd-networkd.service systemd-resolved.service ssh.service \
-    rockpool-init.service code-server.service rockpool-growroot.service
+  systemctl enable ssh.service rockpool-init.service code-server.service \
+    rockpool-growroot.service
+  # A live VM whose network another manager runs keeps it; two DHCP clients on one NIC
+  # would fight. Build roots and networkd-managed VMs get networkd + resolved.
+  if other_network_manager; then
+    say "system: leaving the network to $(other_network_manager)"
+  else
+    systemctl enable systemd-networkd.service systemd-resolved.service
+  fi
   # Nothing here waits for the network; waiting would only slow the boot. A workspace
   # changes its packages when its user says so, not on a timer.
   systemctl mask systemd-networkd-wait-online.service e2scrub_reap.service \

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from rockpool import host
 from rockpool.command import clean_environment, contained, run
 from rockpool.context import BuildContext
 from rockpool.errors import MissingTool
+from rockpool.progress import Task
 from rockpool.spec import host_architecture
 
 # What makes the root bootable; the spec's packages and setup.sh's own come on top.
@@ -22,6 +24,41 @@ DPKG_EXCLUDES = (
     "path-exclude=/usr/share/locale/*",
     "path-include=/usr/share/locale/locale.alias",
 )
+
+
+_UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
+_NEED = re.compile(r"^Need to get ([\d.,]+) (B|kB|MB|GB)")
+_GET = re.compile(r"^Get:\d+ .* \[([\d.,]+) (B|kB|MB|GB)\]$")
+
+
+class AptDownloadProgress:
+    """Turns apt's "Need to get" / "Get:" lines into a download bar."""
+
+    def __init__(self, ctx: BuildContext) -> None:
+        self.reporter = ctx.reporter
+        self.task: Task | None = None
+        self.done = 0.0
+
+    def __call__(self, line: str) -> None:
+        text = line.strip()
+        if text.startswith("I: "):
+            self.reporter.status(text)
+        if need := _NEED.match(text):
+            if self.task is not None:
+                self.task.done()
+            self.task = self.reporter.task("downloading packages", total=_bytes(*need.groups()))
+            self.done = 0.0
+        elif (get := _GET.match(text)) and self.task is not None:
+            self.done += _bytes(*get.groups())
+            self.task.update(self.done)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.done()
+
+
+def _bytes(number: str, unit: str) -> float:
+    return float(number.replace(",", "")) * _UNITS[unit]
 
 
 def setup_script_packages(ctx: BuildContext) -> list[str]:
@@ -62,12 +99,20 @@ def bootstrap(ctx: BuildContext) -> None:
         "mmdebstrap",
         "--mode=root",
         "--variant=minbase",
+        "--verbose",  # apt's "Get:" lines feed the download bar
         f"--architectures={spec.architecture}",
         f"--include={','.join(packages)}",
         *(f"--dpkgopt={option}" for option in DPKG_EXCLUDES),
         spec.suite,
         ctx.root,
-        spec.mirror,
+        # Security fixes and point updates from the start, and for `apt upgrade` later.
+        f"deb {spec.mirror} {spec.suite} main",
+        f"deb {spec.mirror} {spec.suite}-updates main",
+        f"deb {spec.security_mirror} {spec.suite}-security main",
     ]
     env = clean_environment({"SOURCE_DATE_EPOCH": str(ctx.source_date_epoch)})
-    run(contained(argv), env=env, on_line=ctx.reporter.status)
+    progress = AptDownloadProgress(ctx)
+    try:
+        run(contained(argv), env=env, on_line=progress)
+    finally:
+        progress.close()

@@ -18,7 +18,7 @@ from rockpool import host
 from rockpool.carrier import write_carrier
 from rockpool.errors import ExitCode, Interrupted, InvalidInput, RockpoolError
 from rockpool.progress import Reporter
-from rockpool.spec import DEFAULT_SPEC, load_spec
+from rockpool.spec import DEFAULT_SPEC, default_spec_path, load_spec
 from rockpool.store import Store, Version
 from rockpool.units import format_size
 
@@ -46,7 +46,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 def cmd_image_build(args: argparse.Namespace, reporter: Reporter) -> int:
     from rockpool.pipeline import build
 
-    spec = load_spec(Path(args.spec))
+    spec = load_spec(Path(args.spec) if args.spec else default_spec_path())
     store = Store.default()
     result = build(
         spec,
@@ -123,7 +123,7 @@ def cmd_image_inspect(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def cmd_spec_check(args: argparse.Namespace, reporter: Reporter) -> int:
-    spec = load_spec(Path(args.spec))
+    spec = load_spec(Path(args.spec) if args.spec else default_spec_path())
     _emit(
         args,
         spec.to_json(),
@@ -157,13 +157,10 @@ def cmd_config_disk(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def cmd_host_setup(args: argparse.Namespace, reporter: Reporter) -> int:
+    packages = host.packages(with_tests=args.with_tests)
     with reporter.stage("installing host packages"):
-        host.install_packages(host.ALL_PACKAGES)
-    _emit(
-        args,
-        {"installed": host.ALL_PACKAGES},
-        "host tools installed: " + " ".join(host.ALL_PACKAGES),
-    )
+        host.install_packages(packages)
+    _emit(args, {"installed": packages}, "host tools installed: " + " ".join(packages))
     return 0
 
 
@@ -195,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, parser_class=_Parser
     )
     p = image.add_parser("build", parents=[json_flag], help="build an image from a spec")
-    p.add_argument("spec", nargs="?", default=str(DEFAULT_SPEC), help=f"default: {DEFAULT_SPEC}")
+    p.add_argument("spec", nargs="?", help=f"default: {DEFAULT_SPEC}")
     p.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
     p.add_argument("--ca-bundle", help="CA bundle for registries (default: the host's)")
     p.set_defaults(handler=cmd_image_build)
@@ -210,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, parser_class=_Parser
     )
     p = spec.add_parser("check", parents=[json_flag], help="validate a spec and show it resolved")
-    p.add_argument("spec", nargs="?", default=str(DEFAULT_SPEC))
+    p.add_argument("spec", nargs="?", help=f"default: {DEFAULT_SPEC}")
     p.set_defaults(handler=cmd_spec_check)
 
     p = groups.add_parser(
@@ -228,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, parser_class=_Parser
     )
     p = hosts.add_parser("setup", parents=[json_flag], help="install the host tools (apt)")
+    p.add_argument("--with-tests", action="store_true", help="also what the test suite needs")
     p.set_defaults(handler=cmd_host_setup)
     p = hosts.add_parser("check", parents=[json_flag], help="list missing host tools")
     p.set_defaults(handler=cmd_host_check)

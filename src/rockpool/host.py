@@ -32,18 +32,21 @@ RUN_TOOLS = {
 RUN_TOOLS_ARM64 = {"qemu-system-aarch64": "qemu-system-arm"}
 FIRMWARE_PACKAGES = {"amd64": "ovmf", "arm64": "qemu-efi-aarch64"}
 TEST_PACKAGES = ("openssh-client", "caddy")  # caddy: the real reverse proxy in tests
-# Everything `rockpool host setup` installs, for building and running both architectures.
-ALL_PACKAGES = sorted(
+# What `rockpool host setup` installs, for building and running both architectures.
+RUNTIME_PACKAGES = sorted(
     {
         *BUILD_TOOLS.values(),
         *FOREIGN_BUILD_TOOLS.values(),
         *RUN_TOOLS.values(),
         *RUN_TOOLS_ARM64.values(),
         *FIRMWARE_PACKAGES.values(),
-        *TEST_PACKAGES,
         "ca-certificates",
     }
 )
+
+
+def packages(*, with_tests: bool = False) -> list[str]:
+    return sorted({*RUNTIME_PACKAGES, *(TEST_PACKAGES if with_tests else ())})
 
 
 def missing_tools(tools: dict[str, str]) -> dict[str, str]:

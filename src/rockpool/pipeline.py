@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import shutil
+import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from rockpool import host
 from rockpool.bootstrap import bootstrap
 from rockpool.context import BuildContext
 from rockpool.disk import assemble_disk
-from rockpool.errors import CommandFailed, RockpoolError
+from rockpool.errors import CommandFailed, InvalidInput, RockpoolError
 from rockpool.formats import output_format
 from rockpool.preflight import preflight
 from rockpool.progress import Reporter
@@ -74,6 +75,25 @@ def default_ca_bundle() -> Path | None:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return None
+
+
+def checked_ca_bundle(path: Path) -> Path:
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidInput(
+            f"--ca-bundle {path}: not a readable PEM bundle of CA certificates ({exc})"
+        ) from None
+    return path
+
+
+def source_date_epoch() -> int:
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is None:
+        return int(time.time())
+    if not value.isdigit():
+        raise InvalidInput(f"SOURCE_DATE_EPOCH must be a Unix time in seconds, not '{value}'")
+    return int(value)
 
 
 def sha256_file(path: Path) -> str:
@@ -164,7 +184,10 @@ def build(
 ) -> BuildResult:
     host.require_root("building an image")
     host.require(host.BUILD_TOOLS, "building an image")
+    epoch = source_date_epoch()
+    bundle = checked_ca_bundle(ca_bundle) if ca_bundle else default_ca_bundle()
     digest = input_digest(spec)
+    store.repair_latest(spec.name)
     if not force:
         existing = store.find_by_input(spec.name, digest)
         if existing is not None:
@@ -184,9 +207,9 @@ def build(
                 work=work,
                 reporter=reporter,
                 input_digest=digest,
-                source_date_epoch=int(os.environ.get("SOURCE_DATE_EPOCH", time.time())),
+                source_date_epoch=epoch,
                 log_path=log_path,
-                ca_bundle=ca_bundle or default_ca_bundle(),
+                ca_bundle=bundle,
             )
             log.info("building %s from %s (input %s) in %s", spec.name, spec.path, digest, work)
             for name, stage in STAGES:

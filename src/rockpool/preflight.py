@@ -15,7 +15,7 @@ import urllib.request
 from typing import Any
 
 from rockpool.context import BuildContext
-from rockpool.errors import InvalidInput, RockpoolError
+from rockpool.errors import ExitCode, InvalidInput, RockpoolError
 
 log = logging.getLogger("rockpool.preflight")
 TIMEOUT = 30
@@ -23,7 +23,7 @@ NODE_ARCH = {"amd64": "x64", "arm64": "arm64"}
 
 
 class RegistryUnreachable(RockpoolError):
-    pass
+    exit_code = ExitCode.COMMAND_FAILED
 
 
 def _fetch(ctx: BuildContext, url: str, accept: str = "application/json") -> bytes:
@@ -46,7 +46,13 @@ def _fetch(ctx: BuildContext, url: str, accept: str = "application/json") -> byt
 
 
 def _json(ctx: BuildContext, url: str, accept: str = "application/json") -> Any:
-    return json.loads(_fetch(ctx, url, accept))
+    body = _fetch(ctx, url, accept)
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise RegistryUnreachable(
+            f"{url} did not answer with JSON (a proxy's error page?): {body[:120]!r}"
+        ) from None
 
 
 def engines_allow(engines_node: str, major: int) -> bool:
@@ -85,7 +91,10 @@ def preflight(ctx: BuildContext) -> None:
         )
     node_package = f"node-linux-{NODE_ARCH[spec.architecture]}"
     abbreviated = "application/vnd.npm.install-v1+json"
-    versions = _json(ctx, f"{registry}/{node_package}", abbreviated).get("versions", {})
+    try:
+        versions = _json(ctx, f"{registry}/{node_package}", abbreviated).get("versions", {})
+    except FileNotFoundError:
+        versions = {}
     if not any(re.fullmatch(rf"{spec.node_major}\.\d+\.\d+", v) for v in versions):
         raise InvalidInput(
             f"{spec.path}: node.major {spec.node_major}: {registry} has no {node_package} "

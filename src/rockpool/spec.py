@@ -44,6 +44,7 @@ class ImageSpec:
     disk_size: int
     formats: tuple[str, ...]
     mirror: str
+    security_mirror: str
     packages: tuple[str, ...]
     node_major: int
     npm_registry: str
@@ -72,6 +73,21 @@ class ImageSpec:
         data["formats"] = list(self.formats)
         data["packages"] = list(self.packages)
         return data
+
+
+def default_spec_path() -> Path:
+    """images/workspace.toml in the current directory, else in the checkout rockpool runs from."""
+    candidates = [Path.cwd() / DEFAULT_SPEC, Path(__file__).resolve().parents[2] / DEFAULT_SPEC]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise SpecError(
+        DEFAULT_SPEC,
+        None,
+        "no spec given, and the default spec is not here",
+        hint="pass the spec's path (rockpool image build PATH/images/workspace.toml), "
+        "or run from the rockpool checkout",
+    )
 
 
 def host_architecture() -> str:
@@ -109,6 +125,8 @@ def _size(minimum: int, maximum: int) -> Check:
             return str(exc)
         if not minimum <= size <= maximum:
             return f"must be between {minimum >> 30}G and {maximum >> 30}G, not {value!r}"
+        if size % (1 << 20):
+            return f"must be a whole number of MiB (disks are MiB-aligned), not {value!r}"
         return None
 
     return check
@@ -179,6 +197,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
     },
     "debian": {
         "mirror": _matches(_MIRROR, "must be an http://, https:// or file:// URL"),
+        "security_mirror": _matches(_MIRROR, "must be an http://, https:// or file:// URL"),
         "packages": _list_of(_package),
         "add_packages": _list_of(_package),
         "remove_packages": _list_of(_package),
@@ -211,6 +230,7 @@ DEFAULTS: dict[tuple[str, str], Any] = {
     ("image", "formats"): ["raw", "qcow2"],
     ("image", "description"): "",
     ("debian", "mirror"): "http://deb.debian.org/debian",
+    ("debian", "security_mirror"): "http://deb.debian.org/debian-security",
     ("node", "registry"): "https://registry.npmjs.org",
     ("workspace", "cpus"): 2,
     ("workspace", "memory"): "4G",
@@ -326,6 +346,7 @@ def load_spec(path: Path) -> ImageSpec:
         disk_size=parse_size(str(merged[("image", "disk_size")])),
         formats=tuple(dict.fromkeys(merged[("image", "formats")])),
         mirror=merged[("debian", "mirror")],
+        security_mirror=merged[("debian", "security_mirror")],
         packages=tuple(packages),
         node_major=merged[("node", "major")],
         npm_registry=merged[("node", "registry")].rstrip("/"),

@@ -119,8 +119,11 @@ class Store:
         build_id = uuid.uuid4().hex[:16]
         lock_path = self.staging_dir / f"{build_id}.lock"
         work = self.staging_dir / build_id
-        with open(lock_path, "w") as lock:
+        # Locked before it gets its name, so a concurrent sweep never sees it unlocked.
+        unnamed = self.staging_dir / f".{build_id}.lock-new"
+        with open(unnamed, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(unnamed, lock_path)
             work.mkdir()
             try:
                 yield work
@@ -142,7 +145,7 @@ class Store:
                 lock_path.unlink(missing_ok=True)
                 removed.append(lock_path.stem)
         for orphan in self.staging_dir.iterdir():
-            if orphan.is_dir() and not orphan.with_suffix(".lock").exists():
+            if orphan.is_dir() and not (self.staging_dir / f"{orphan.name}.lock").exists():
                 self._remove_tree(orphan)
                 removed.append(orphan.name)
         if removed:
@@ -191,6 +194,13 @@ class Store:
                 fsync_directory(target.parent)
             self._point_latest(name, version_id)
         return self.version(name, version_id)
+
+    def repair_latest(self, name: str) -> None:
+        """Point latest at the newest version, if a crash stopped it short of that."""
+        with self._image_lock(name):
+            versions = self.versions(name)
+            if versions and self.latest_id(name) != versions[-1].id:
+                self._point_latest(name, versions[-1].id)
 
     def _point_latest(self, name: str, version_id: str) -> None:
         link = self.images_dir / name / "latest"

@@ -213,6 +213,10 @@ def test_boot_serves_code_server_at_the_workspace_path(
         assert "MISSING" not in found, found
         assert "v24." in guest.ssh("node --version")
         assert guest.ssh("hostname").strip() == "alice"
+        # DHCP identifies the guest by its MAC (how Tart finds a guest's address).
+        leases = guest.ssh("sudo cat /run/systemd/netif/leases/*")
+        mac = guest.running.config.mac.replace(":", "")
+        assert f"CLIENTID=01{mac}" in leases, leases
         assert re.fullmatch(r"[0-9a-f]{32}\n", guest.ssh("cat /etc/machine-id"))
         machine_id = guest.ssh("cat /etc/machine-id")
         assert "ssh_host_ed25519_key" in guest.ssh("ls /etc/ssh")
@@ -277,5 +281,15 @@ def test_invalid_workspace_name_fails_the_init_unit(
         )
         with pytest.raises(OSError):
             guest.http_get("/healthz")
+
+        # A config disk without the name fails the same way.
+        assert guest.stop()
+        guest.configure({"ROCKPOOL_OTHER": "x"}, validate=False)
+        guest.start()
+        guest.wait_ssh()
+        assert guest.ssh("systemctl is-failed rockpool-init", check=False).strip() == "failed"
+        journal = guest.ssh("sudo journalctl -b -u rockpool-init --no-pager")
+        assert "ROCKPOOL_WORKSPACE_NAME is missing" in journal
+        assert guest.ssh("systemctl is-active code-server", check=False).strip() != "active"
     finally:
         guest.kill()

@@ -97,3 +97,27 @@ def test_config_disk_rejects_bad_names(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "invalid ROCKPOOL_WORKSPACE_NAME '-bad-'" in result.stderr
     assert not (tmp_path / "c.img").exists()
+
+
+def build_args() -> list[str]:
+    return ["image", "build", str(REPO / "images/workspace.toml")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a build checks for root before its inputs")
+def test_bad_environment_values_are_exit_2(tmp_path: Path) -> None:
+    env = {**os.environ, "ROCKPOOL_HOME": str(tmp_path), "SOURCE_DATE_EPOCH": "yesterday"}
+    result = subprocess.run(
+        [sys.executable, "-m", "rockpool", *build_args()],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "SOURCE_DATE_EPOCH must be a Unix time" in result.stderr
+    bad_bundle = tmp_path / "bundle.pem"
+    bad_bundle.write_text("not a certificate")
+    result = rockpool(*build_args(), "--ca-bundle", str(bad_bundle), home=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "--ca-bundle" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "images").exists()

@@ -81,6 +81,7 @@ def test_minimal_spec_gets_defaults(spec_dir: Path) -> None:
         (('name = "mini"', 'name = "Mini_Image"'), "image.name", "1 to 63"),
         (("[image]", '[image]\ndisk_size = "lots"'), "image.disk_size", "not a size"),
         (("[image]", '[image]\ndisk_size = "1G"'), "image.disk_size", "between 4G"),
+        (("[image]", '[image]\ndisk_size = "4194305K"'), "image.disk_size", "whole number of MiB"),
         (("[image]", '[image]\narchitecture = "riscv64"'), "image.architecture", "riscv64"),
         (("[image]", '[image]\nsuite = "jessie"'), "image.suite", "one of"),
         (("[image]", '[image]\nformats = ["vmdk"]'), "image.formats", "vmdk"),

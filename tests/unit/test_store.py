@@ -121,3 +121,19 @@ def test_store_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     monkeypatch.delenv("ROCKPOOL_HOME")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     assert default_root() == tmp_path / "xdg" / "rockpool"
+
+
+def test_latest_is_repaired_after_a_crash_before_it_moved(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    land(store, "aaaaaaaaaaaa", b"one", "2026-01-01T00:00:00+00:00")
+    land(store, "bbbbbbbbbbbb", b"two", "2026-01-02T00:00:00+00:00")
+    store._point_latest("workspace", "aaaaaaaaaaaa")  # as if killed between rename and link
+    store.repair_latest("workspace")
+    assert store.latest_id("workspace") == "bbbbbbbbbbbb"
+
+
+def test_concurrent_stagings_never_sweep_each_other(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    with store.staging() as first, store.staging() as second:
+        assert first.is_dir() and second.is_dir() and first != second
+        assert store.remove_stale_staging() == []

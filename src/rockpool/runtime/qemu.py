@@ -295,7 +295,7 @@ class QemuVM:
             self.qmp("system_powerdown")
             self.process.wait(timeout=timeout)
             return True
-        except (OSError, subprocess.TimeoutExpired) as exc:
+        except Exception as exc:  # QMP errors of any kind: the hard stop below is always safe
             log.info("graceful stop of %s failed (%s); killing it", self.config.name, exc)
             self.kill()
             return False
