@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rockpool.runtime.qemu import kvm_usable
+from rockpool.runtime.qemu import host_arch, kvm_usable
 from rockpool.store import Store, Version
 from tests.e2e.guest import Guest
 
@@ -72,7 +72,7 @@ def machine_note() -> str:
         platform.processor(),
     )
     memory = number(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())
-    accel = "KVM" if kvm_usable("amd64") else "TCG (no usable KVM)"
+    accel = "KVM" if kvm_usable(host_arch()) else "TCG (no usable KVM)"
     return (
         f"{os.cpu_count()} cores ({cpu}), {memory // 1024 // 1024} GiB RAM, "
         f"{platform.platform()}, guests under {accel}"
