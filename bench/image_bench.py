@@ -89,7 +89,7 @@ def boot_once(version: Version, key: Path, run_dir: Path) -> Boot:
         time.sleep(IDLE_SETTLE_SECONDS)  # benchmark: let boot-time jobs finish before "idle"
         meminfo = guest.ssh("cat /proc/meminfo")
         used_kib = number(r"MemTotal:\s+(\d+)", meminfo) - number(r"MemAvailable:\s+(\d+)", meminfo)
-        status = Path(f"/proc/{guest.running.process.pid if guest.running.process else 0}/status")
+        status = Path(f"/proc/{guest.running.pid}/status")
         return Boot(
             healthz_s=healthz,
             guest_used_mib=used_kib / 1024,

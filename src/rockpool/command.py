@@ -162,30 +162,6 @@ def run(
     return subprocess.CompletedProcess(args, returncode, stdout, "\n".join(stderr_tail))
 
 
-def spawn(
-    argv: Sequence[str | Path],
-    *,
-    output: Path,
-    env: Mapping[str, str] | None = None,
-    die_with_parent: bool = True,
-) -> subprocess.Popen[bytes]:
-    """Start a long-running process (a VM) whose output goes to a file."""
-    args = [str(a) for a in argv]
-    log.info("$ %s  (background, output in %s)", shlex.join(args), output)
-    with open(output, "ab") as sink:
-        try:
-            return subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                env=dict(env) if env is not None else clean_environment(),
-                preexec_fn=_die_with_parent if die_with_parent else os.setpgrp,
-            )
-        except FileNotFoundError as exc:
-            raise MissingTool(f"required tool '{args[0]}' is not installed") from exc
-
-
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
     """Stop a command and everything in its process group."""
     for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):

@@ -6,12 +6,14 @@ KVM is used only when a real probe guest runs under it; otherwise TCG.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.client
 import logging
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rockpool import host
-from rockpool.command import run, spawn
+from rockpool.command import run
 from rockpool.errors import CommandFailed, MissingTool, RockpoolError
 
 log = logging.getLogger("rockpool.qemu")
@@ -160,12 +162,19 @@ class VMConfig:
 
 
 class QemuVM:
-    """One QEMU process for one disk."""
+    """One daemonized QEMU process for one disk, found again through its pid file.
+
+    Nothing about it is cached: whether it runs is read from /proc each time, so a
+    crashed or killed VM is never reported as running.
+    """
 
     def __init__(self, config: VMConfig) -> None:
         self.config = config
-        self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
+
+    @property
+    def pidfile(self) -> Path:
+        return self.config.run_dir / "qemu.pid"
 
     @property
     def qmp_socket(self) -> Path:
@@ -235,17 +244,40 @@ class QemuVM:
         )
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
         self.qmp_socket.unlink(missing_ok=True)
+        self.pidfile.unlink(missing_ok=True)
+        self.console_log.unlink(missing_ok=True)
         self.started_at = time.monotonic()
-        self.process = spawn(self.argv(), output=self.config.run_dir / "qemu.log")
+        # -daemonize returns once QEMU is set up, with its errors on our stderr.
+        run([*self.argv(), "-daemonize", "-pidfile", str(self.pidfile)], timeout=120)
+
+    @property
+    def pid(self) -> int | None:
+        """The running QEMU of this VM, checked against /proc; None if there is none."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError, IndexError):
+            return None
+        if state in ("Z", "X") or str(self.pidfile).encode() not in cmdline:
+            return None  # exited, or the pid now belongs to another process
+        return pid
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.pid is not None
 
     def _check_alive(self) -> None:
         if not self.alive():
-            tail = _tail(self.config.run_dir / "qemu.log") or _tail(self.console_log)
-            code = self.process.returncode if self.process else None
-            raise CommandFailed([QEMU_BINARY[self.config.arch]], code or -1, tail)
+            tail = _tail(self.console_log)
+            raise CommandFailed([QEMU_BINARY[self.config.arch]], -1, tail)
+
+    def wait_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)  # poll interval: the process is not our child
+        return True
 
     def http_get(self, guest_port: int, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
         connection = http.client.HTTPConnection(
@@ -290,20 +322,22 @@ class QemuVM:
         """ACPI power-down, then a hard stop after timeout. True if the guest shut down."""
         if not self.alive():
             return True
-        assert self.process is not None
         try:
             self.qmp("system_powerdown")
-            self.process.wait(timeout=timeout)
-            return True
+            if self.wait_exit(timeout):
+                return True
+            log.info("%s did not power off within %.0fs; killing it", self.config.name, timeout)
         except Exception as exc:  # QMP errors of any kind: the hard stop below is always safe
             log.info("graceful stop of %s failed (%s); killing it", self.config.name, exc)
-            self.kill()
-            return False
+        self.kill()
+        return False
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        pid = self.pid
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self.wait_exit(30)
 
 
 def _tail(path: Path, lines: int = 20) -> str:
