@@ -16,8 +16,10 @@ from typing import Any
 import rockpool
 from rockpool import host
 from rockpool.carrier import write_carrier
-from rockpool.errors import ExitCode, Interrupted, InvalidInput, RockpoolError
+from rockpool.errors import Conflict, ExitCode, Interrupted, InvalidInput, RockpoolError
 from rockpool.progress import Reporter
+from rockpool.runtime.base import Workspace
+from rockpool.runtime.qemu_runtime import QemuRuntime
 from rockpool.spec import DEFAULT_SPEC, default_spec_path, load_spec
 from rockpool.store import Store, Version
 from rockpool.units import format_size
@@ -164,6 +166,112 @@ def cmd_host_setup(args: argparse.Namespace, reporter: Reporter) -> int:
     return 0
 
 
+# ---- workspaces -------------------------------------------------------------------------
+
+
+def _runtime() -> QemuRuntime:
+    return QemuRuntime(Store.default())
+
+
+def _workspace_line(workspace: Workspace) -> str:
+    where = f"  {workspace.endpoint.url}" if workspace.endpoint else ""
+    return f"{workspace.name:<24} {workspace.state.value:<8} {workspace.image}{where}"
+
+
+def _read_keys(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInput(f"cannot read --authorized-keys: {exc}") from None
+
+
+def cmd_workspace(args: argparse.Namespace, reporter: Reporter) -> int:
+    runtime = _runtime()
+    verb = args.command
+    if verb == "ls":
+        workspaces = runtime.list()
+        _emit(
+            args,
+            [w.to_json() for w in workspaces],
+            "\n".join(_workspace_line(w) for w in workspaces) or "no workspaces",
+        )
+        return 0
+    if verb == "rm":
+        runtime.remove(args.name, force=args.force)
+        _emit(args, {"removed": args.name}, f"removed {args.name}")
+        return 0
+    if verb == "create":
+        workspace = runtime.create(args.name, args.image)
+    elif verb == "start":
+        with reporter.stage(f"starting {args.name}"):
+            workspace = runtime.start(
+                args.name, _parse_env(args.env), _read_keys(args.authorized_keys)
+            )
+    elif verb == "stop":
+        with reporter.stage(f"stopping {args.name}"):
+            workspace = runtime.stop(args.name, timeout=args.timeout)
+    elif verb == "clone":
+        workspace = runtime.clone(args.source, args.name)
+    else:
+        workspace = runtime.status(args.name)
+    _emit(args, workspace.to_json(), _workspace_line(workspace))
+    return 0
+
+
+def cmd_image_rm(args: argparse.Namespace, reporter: Reporter) -> int:
+    store = Store.default()
+    version = store.resolve(args.ref)
+    held = _runtime().holders()
+    users = sorted(
+        {name for path, names in held.items() if path.parent == version.path for name in names}
+    )
+    if users:
+        raise Conflict(
+            f"{version.ref} is in use by workspaces: {', '.join(users)}",
+            hint="remove those workspaces first; their disks are built on it",
+        )
+    store.remove_version(version)
+    _emit(args, {"removed": version.ref}, f"removed {version.ref}")
+    return 0
+
+
+def cmd_image_gc(args: argparse.Namespace, reporter: Reporter) -> int:
+    """Remove every version that is neither an image's latest nor held by a workspace."""
+    store = Store.default()
+    runtime = _runtime()
+    held = runtime.holders()
+    removed: list[str] = []
+    kept: list[dict[str, Any]] = []
+    for name in store.image_names():
+        latest = store.latest_id(name)
+        for version in store.versions(name):
+            users = sorted(
+                {n for path, names in held.items() if path.parent == version.path for n in names}
+            )
+            if version.id == latest or users:
+                kept.append(
+                    {"image": version.ref, "latest": version.id == latest, "held_by": users}
+                )
+            else:
+                store.remove_version(version)
+                removed.append(version.ref)
+    layers = [str(p) for p in runtime.remove_unused_layers()]
+    lines = [f"removed {r}" for r in removed] + [
+        f"kept {k['image']}"
+        + (" (latest)" if k["latest"] else "")
+        + (f" held by {', '.join(k['held_by'])}" if k["held_by"] else "")
+        for k in kept
+    ]
+    _emit(
+        args,
+        {"removed": removed, "kept": kept, "removed_layers": layers},
+        "\n".join(lines) or "nothing to remove",
+    )
+    return 0
+
+
 def cmd_host_check(args: argparse.Namespace, reporter: Reporter) -> int:
     missing = host.missing_tools({**host.BUILD_TOOLS, **host.RUN_TOOLS})
     data = {"missing": missing, "ok": not missing}
@@ -220,6 +328,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", action="append", default=[], metavar="ROCKPOOL_KEY=VALUE")
     p.add_argument("--authorized-keys", metavar="FILE")
     p.set_defaults(handler=cmd_config_disk)
+
+    p = image.add_parser("rm", parents=[json_flag], help="remove a version no workspace uses")
+    p.add_argument("ref", help="NAME:VERSION or NAME (its latest)")
+    p.set_defaults(handler=cmd_image_rm)
+    p = image.add_parser(
+        "gc",
+        parents=[json_flag],
+        help="remove versions that are not latest and not used by a workspace",
+    )
+    p.set_defaults(handler=cmd_image_gc)
+
+    spaces = groups.add_parser("workspace", help="workspaces on QEMU").add_subparsers(
+        dest="command", required=True, parser_class=_Parser
+    )
+    p = spaces.add_parser("create", parents=[json_flag], help="create a workspace from an image")
+    p.add_argument("name")
+    p.add_argument("--image", default="workspace", help="NAME[:VERSION] (default: workspace)")
+    p = spaces.add_parser("start", parents=[json_flag], help="start a workspace")
+    p.add_argument("name")
+    p.add_argument("--env", action="append", default=[], metavar="ROCKPOOL_KEY=VALUE")
+    p.add_argument("--authorized-keys", metavar="FILE", help="SSH keys for the workspace user")
+    p = spaces.add_parser("stop", parents=[json_flag], help="power off (ACPI, then hard)")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=90.0, help="seconds before a hard stop")
+    p = spaces.add_parser("status", parents=[json_flag], help="state and endpoint")
+    p.add_argument("name")
+    p = spaces.add_parser("ls", parents=[json_flag], help="list workspaces")
+    p = spaces.add_parser("clone", parents=[json_flag], help="clone a stopped workspace")
+    p.add_argument("source")
+    p.add_argument("name")
+    p = spaces.add_parser("rm", parents=[json_flag], help="remove a workspace and its disk")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="kill it first if it is running")
+    for verb_parser in spaces.choices.values():
+        verb_parser.set_defaults(handler=cmd_workspace)
 
     hosts = groups.add_parser("host", help="this machine's tools").add_subparsers(
         dest="command", required=True, parser_class=_Parser

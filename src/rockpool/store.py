@@ -163,7 +163,9 @@ class Store:
                 f"refusing to remove {path}: something is mounted below it ({mounts[0]})",
                 hint="unmount it (umount -R PATH) and run the command again",
             )
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=True)  # a concurrent sweep may remove parts too
+        if path.exists():
+            raise Conflict(f"could not remove {path}", hint="check its permissions, then retry")
 
     # ---- versions -----------------------------------------------------------------------
 
@@ -208,6 +210,20 @@ class Store:
         os.symlink(version_id, tmp)
         os.replace(tmp, link)
         fsync_directory(link.parent)
+
+    def remove_version(self, version: Version) -> None:
+        """Out of view in one rename, then deleted; latest moves to the newest left."""
+        with self._image_lock(version.name):
+            trash = self.staging_dir / f"removed-{version.name}-{version.id}-{uuid.uuid4().hex[:6]}"
+            self.staging_dir.mkdir(parents=True, exist_ok=True)
+            os.rename(version.path, trash)
+            link = self.images_dir / version.name / "latest"
+            remaining = self.versions(version.name)
+            if remaining:
+                self._point_latest(version.name, remaining[-1].id)
+            else:
+                link.unlink(missing_ok=True)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def image_names(self) -> list[str]:
         if not self.images_dir.is_dir():
