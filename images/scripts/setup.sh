@@ -403,6 +403,60 @@ CONF
     ln -sfn ../run/systemd/resolve/stub-resolv.conf /etc/resolv.conf
   fi
 
+  # Clones: before systemd starts, a disk that the config disk says belongs to another
+  # instance forgets the identity it carries, so the machine makes its own.
+  local initramfs_inputs="/etc/initramfs-tools/scripts/local-bottom/rockpool-identity
+    /etc/initramfs-tools/modules" initramfs_before
+  # shellcheck disable=SC2086
+  initramfs_before=$(cat $initramfs_inputs 2>/dev/null | md5sum)
+  write_file /etc/initramfs-tools/scripts/local-bottom/rockpool-identity 0755 <<'HOOK'
+#!/bin/sh
+# Runs in the initramfs (klibc tools only), with the root mounted read-only at $rootmnt.
+PREREQ=""
+prereqs() { echo "$PREREQ"; }
+case "$1" in prereqs) prereqs; exit 0 ;; esac
+
+device=/dev/disk/by-label/ROCKPOOL
+tries=0
+while [ ! -e "$device" ] && [ "$tries" -lt 20 ]; do
+  sleep 1
+  tries=$((tries + 1))
+done
+[ -e "$device" ] || exit 0
+modprobe -q vfat 2>/dev/null
+modprobe -q nls_cp437 2>/dev/null
+modprobe -q nls_utf8 2>/dev/null
+mkdir -p /run/rockpool-config
+mount -t vfat -o ro "$device" /run/rockpool-config || exit 0
+instance=""
+if [ -f /run/rockpool-config/env ]; then
+  while IFS= read -r line; do
+    case "$line" in ROCKPOOL_INSTANCE_ID=*) instance=${line#ROCKPOOL_INSTANCE_ID=} ;; esac
+  done </run/rockpool-config/env
+fi
+umount /run/rockpool-config
+[ -n "$instance" ] || exit 0
+record="${rootmnt}/var/lib/rockpool/instance-id"
+current=""
+[ -f "$record" ] && read -r current <"$record"
+[ "$current" = "$instance" ] && exit 0
+mount -o remount,rw "${rootmnt}" || exit 0
+chroot "${rootmnt}" /bin/sh -c 'rm -f /etc/ssh/ssh_host_* /var/lib/systemd/random-seed \
+  /var/lib/dbus/machine-id && : >/etc/machine-id && mkdir -p /var/lib/rockpool'
+echo "$instance" >"$record"
+sync
+mount -o remount,ro "${rootmnt}"
+echo "rockpool-identity: new instance $instance: SSH host keys and machine-id will be made anew"
+HOOK
+  for module in vfat nls_cp437 nls_utf8; do
+    grep -qx "$module" /etc/initramfs-tools/modules 2>/dev/null || echo "$module" >>/etc/initramfs-tools/modules
+  done
+  # shellcheck disable=SC2086
+  if [ "$(cat $initramfs_inputs | md5sum)" != "$initramfs_before" ] &&
+    ls /boot/vmlinuz-* >/dev/null 2>&1; then
+    update-initramfs -u -k all
+  fi
+
   write_file /usr/local/sbin/rockpool-seal 0755 <<'SEAL'
 #!/bin/bash
 # Removes everything that must not be shared between machines made from this image,

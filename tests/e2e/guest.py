@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rockpool.carrier import write_carrier
@@ -13,6 +14,36 @@ from rockpool.runtime.qemu import QemuVM, VMConfig, create_overlay, free_port
 from rockpool.store import Version
 
 BOOT_DEADLINE = 420.0  # generous: TCG on a loaded 2-core machine
+
+
+def ssh_argv(key: Path, port: int, user: str, command: str) -> list[str]:
+    """A non-interactive SSH command line for a guest behind a 127.0.0.1 port forward."""
+    options = [
+        "StrictHostKeyChecking=no",
+        "UserKnownHostsFile=/dev/null",
+        "LogLevel=ERROR",
+        "ConnectTimeout=10",
+        "BatchMode=yes",
+    ]
+    return [
+        "ssh",
+        "-i",
+        str(key),
+        "-p",
+        str(port),
+        *(arg for option in options for arg in ("-o", option)),
+        f"{user}@127.0.0.1",
+        command,
+    ]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a readiness check until it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.5)  # poll interval between checks
 
 
 class Guest:
@@ -56,25 +87,8 @@ class Guest:
         return self.running.http_get(8080, path)
 
     def ssh_argv(self, command: str) -> list[str]:
-        return [
-            "ssh",
-            "-i",
-            str(self.ssh_key),
-            "-p",
-            str(self.running.config.forwards[22]),
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "ConnectTimeout=10",
-            "-o",
-            "BatchMode=yes",
-            f"{self.image.manifest['user']}@127.0.0.1",
-            command,
-        ]
+        port = self.running.config.forwards[22]
+        return ssh_argv(self.ssh_key, port, self.image.manifest["user"], command)
 
     def ssh(
         self, command: str, check: bool = True, timeout: float = 120, stdin: str | None = None

@@ -1,0 +1,225 @@
+"""Workspaces on QEMU from the shared default image: persistence, crash safety, clones
+that share blocks but not identity, and image updates that reach new workspaces only."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from rockpool.errors import Conflict, InvalidInput, NotFound, RockpoolError
+from rockpool.runtime.base import State, Workspace
+from rockpool.runtime.qemu_runtime import QemuRuntime
+from rockpool.store import Store, Version
+from tests.e2e.conftest import DEFAULT_SPEC, run_rockpool
+from tests.e2e.guest import BOOT_DEADLINE, ssh_argv, wait_until
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture
+def runtime(built_image: Version, store_home: Path) -> QemuRuntime:
+    return QemuRuntime(Store(store_home))
+
+
+class Session:
+    """SSH and HTTP to a running workspace through its reported endpoint."""
+
+    def __init__(self, runtime: QemuRuntime, name: str, key: Path) -> None:
+        self.runtime, self.name, self.key = runtime, name, key
+
+    def ssh(self, command: str, check: bool = True) -> str:
+        endpoint = self.runtime.endpoint(self.name)
+        result = subprocess.run(
+            ssh_argv(self.key, endpoint.ssh_port or 0, "coder", command),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"{command!r}: {result.returncode} {result.stderr}")
+        return result.stdout
+
+    def wait_ready(self) -> None:
+        def healthy() -> bool:
+            if self.runtime.status(self.name).state != State.RUNNING:
+                raise AssertionError(f"{self.name} stopped while booting")
+            return (
+                subprocess.run(
+                    [
+                        "curl",
+                        "-fsS",
+                        "-o",
+                        "/dev/null",
+                        f"{self.runtime.endpoint(self.name).url}healthz",
+                    ],
+                    capture_output=True,
+                ).returncode
+                == 0
+            )
+
+        wait_until(healthy, BOOT_DEADLINE, f"{self.name} /healthz")
+        wait_until(self._ssh_ok, BOOT_DEADLINE, f"{self.name} ssh")
+
+    def _ssh_ok(self) -> bool:
+        try:
+            self.ssh("true")
+            return True
+        except AssertionError:
+            return False
+
+
+def start(runtime: QemuRuntime, name: str, key: Path) -> Session:
+    runtime.start(name, {"ROCKPOOL_TEAM": "qa"}, key.with_suffix(".pub").read_text())
+    session = Session(runtime, name, key)
+    session.wait_ready()
+    return session
+
+
+def test_bad_input_leaves_nothing(runtime: QemuRuntime, built_image: Version) -> None:
+    with pytest.raises(InvalidInput):
+        runtime.create("Not_Valid", "workspace")
+    with pytest.raises(NotFound):
+        runtime.create("ok-name", "no-such-image")
+    with pytest.raises(NotFound):
+        runtime.create("ok-name", "workspace:0123456789ab")
+    with pytest.raises(NotFound):
+        runtime.start("never-created")
+    runtime.create("dup", "workspace")
+    with pytest.raises(Conflict):
+        runtime.create("dup", "workspace")
+    runtime.remove("dup")
+    # Two creates of one name at once: exactly one wins, nothing half-made remains.
+    results: list[object] = []
+
+    def create() -> None:
+        try:
+            results.append(runtime.create("race", "workspace"))
+        except RockpoolError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(isinstance(r, Workspace) for r in results) == 1
+    assert all(isinstance(r, Workspace | Conflict) for r in results)
+    assert [p.name for p in runtime.root.iterdir() if p.name.startswith(".")] == []
+    runtime.remove("race")
+    assert [w.name for w in runtime.list()] == []
+
+
+def backing_chain(disk: Path) -> list[str]:
+    info = subprocess.run(
+        ["qemu-img", "info", "--backing-chain", "-U", "--output=json", str(disk)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [entry["filename"] for entry in json.loads(info)]
+
+
+def test_persistence_crash_and_clone(
+    runtime: QemuRuntime, built_image: Version, ssh_key: Path, tmp_path: Path
+) -> None:
+    created = runtime.create("persist", "workspace")
+    assert created.image == built_image.ref and created.state == State.STOPPED
+    disk = Path(created.details["disk"])
+    assert backing_chain(disk)[1] == str(built_image.output_path("qcow2"))
+    assert disk.stat().st_size < 4 << 20  # an overlay, not a copy
+    try:
+        session = start(runtime, "persist", ssh_key)
+        pid = runtime.status("persist").details["pid"]
+        assert runtime.start("persist").details["pid"] == pid  # no second VM on the disk
+        assert runtime.endpoint("persist").host == "127.0.0.1"
+        session.ssh("echo kept > ~/note.txt && sync")
+        stopped = runtime.stop("persist")
+        assert stopped.state == State.STOPPED and stopped.endpoint is None
+        assert runtime.stop("persist").state == State.STOPPED  # stopping again: no-op
+
+        session = start(runtime, "persist", ssh_key)
+        assert session.ssh("cat ~/note.txt") == "kept\n"
+        # kill -9 while writing: what was synced survives, and the disk checks clean.
+        session.ssh(
+            "echo synced > ~/synced.txt && sync && "
+            "(nohup dd if=/dev/urandom of=/home/coder/churn bs=1M count=400 "
+            ">/dev/null 2>&1 &)"
+        )
+        subprocess.run(["kill", "-9", str(runtime.status("persist").details["pid"])], check=True)
+        wait_until(lambda: runtime.status("persist").state == State.STOPPED, 30, "QEMU exit")
+        session = start(runtime, "persist", ssh_key)
+        assert session.ssh("cat ~/synced.txt ~/note.txt") == "synced\nkept\n"
+        host_key = session.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub")
+        machine_id = session.ssh("cat /etc/machine-id")
+        with pytest.raises(Conflict, match="running"):
+            runtime.clone("persist", "copy")
+        assert runtime.stop("persist").state == State.STOPPED
+        assert_filesystem_clean(disk, built_image, tmp_path)
+
+        clone = runtime.clone("persist", "copy")
+        assert clone.cloned_from == "persist" and clone.image == built_image.ref
+        clone_disk = Path(clone.details["disk"])
+        layer = backing_chain(clone_disk)[1]
+        assert backing_chain(disk)[1] == layer  # both now sit on one shared, frozen layer
+        assert clone_disk.stat().st_size < 4 << 20
+
+        source = start(runtime, "persist", ssh_key)
+        copy = start(runtime, "copy", ssh_key)  # side by side
+        assert copy.ssh("cat ~/note.txt") == "kept\n"
+        assert copy.ssh("hostname").strip() == "copy"
+        assert source.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub") == host_key
+        assert source.ssh("cat /etc/machine-id") == machine_id
+        assert copy.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub") != host_key
+        assert copy.ssh("cat /etc/machine-id").strip() not in ("", machine_id.strip())
+    finally:
+        for name in ("persist", "copy"):
+            with contextlib.suppress(NotFound):
+                runtime.remove(name, force=True)
+    assert not list(runtime.layers.glob("*.qcow2")), "unused layers were left behind"
+
+
+def assert_filesystem_clean(disk: Path, image: Version, tmp_path: Path) -> None:
+    raw = tmp_path / "check.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(raw)], check=True)
+    offset = image.manifest["disk"]["root_offset"]
+    fsck = subprocess.run(
+        ["e2fsck", "-fn", f"{raw}?offset={offset}"], capture_output=True, text=True
+    )
+    raw.unlink()
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_image_updates_reach_new_workspaces_only(
+    runtime: QemuRuntime, built_image: Version, store_home: Path, ssh_key: Path
+) -> None:
+    runtime.create("old", "workspace")
+    try:
+        start(runtime, "old", ssh_key)
+        rebuilt = run_rockpool(
+            store_home, "image", "build", str(DEFAULT_SPEC), "--force", "--json", timeout=3600
+        )
+        assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+        new_ref = json.loads(rebuilt.stdout)["image"]
+        assert new_ref != built_image.ref
+        assert runtime.status("old").state == State.RUNNING
+        assert runtime.status("old").image == built_image.ref
+        assert runtime.create("new", "workspace").image == new_ref
+
+        refused = run_rockpool(store_home, "image", "rm", built_image.ref)
+        assert refused.returncode == 6 and "old" in refused.stderr
+        gc = json.loads(run_rockpool(store_home, "image", "gc", "--json").stdout)
+        assert built_image.ref not in gc["removed"]
+        assert any(k["image"] == built_image.ref and k["held_by"] == ["old"] for k in gc["kept"])
+        runtime.remove("old", force=True)
+        gc = json.loads(run_rockpool(store_home, "image", "gc", "--json").stdout)
+        assert built_image.ref in gc["removed"]
+        assert not built_image.path.exists()
+    finally:
+        for name in ("old", "new"):
+            with contextlib.suppress(NotFound):
+                runtime.remove(name, force=True)
