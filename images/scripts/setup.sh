@@ -36,7 +36,7 @@ export DEBIAN_FRONTEND=noninteractive
 # What the init contract and this script themselves need, whatever the spec says.
 CONTRACT_PACKAGES="systemd systemd-sysv systemd-resolved udev dbus openssh-server sudo
   ca-certificates curl jq cloud-guest-utils e2fsprogs fdisk build-essential pkg-config
-  python3 libkrb5-dev"
+  python3 libkrb5-dev zstd"
 
 if [ "${1:-}" = --print-packages ]; then
   # The builder installs these in its bootstrap, in the same apt run as the rest.
@@ -54,6 +54,9 @@ case "$(dpkg --print-architecture)" in
   arm64) NODE_ARCH=arm64 ;;
   *) die "unsupported architecture $(dpkg --print-architecture)" ;;
 esac
+
+set -o errtrace
+trap 'say "error: line $LINENO: \"$BASH_COMMAND\" failed"' ERR
 
 WORK=$(mktemp -d /var/tmp/rockpool-setup.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
@@ -408,7 +411,7 @@ CONF
   local initramfs_inputs="/etc/initramfs-tools/scripts/local-bottom/rockpool-identity
     /etc/initramfs-tools/modules" initramfs_before
   # shellcheck disable=SC2086
-  initramfs_before=$(cat $initramfs_inputs 2>/dev/null | md5sum)
+  initramfs_before=$( (cat $initramfs_inputs 2>/dev/null || true) | md5sum)
   write_file /etc/initramfs-tools/scripts/local-bottom/rockpool-identity 0755 <<'HOOK'
 #!/bin/sh
 # Runs in the initramfs (klibc tools only), with the root mounted read-only at $rootmnt.
@@ -416,39 +419,45 @@ PREREQ=""
 prereqs() { echo "$PREREQ"; }
 case "$1" in prereqs) prereqs; exit 0 ;; esac
 
+say() { echo "rockpool-identity: $*" >/dev/kmsg; }
 device=/dev/disk/by-label/ROCKPOOL
 tries=0
 while [ ! -e "$device" ] && [ "$tries" -lt 20 ]; do
   sleep 1
   tries=$((tries + 1))
 done
-[ -e "$device" ] || exit 0
-modprobe -q vfat 2>/dev/null
-modprobe -q nls_cp437 2>/dev/null
-modprobe -q nls_utf8 2>/dev/null
+[ -e "$device" ] || { say "no config disk; identity unchanged"; exit 0; }
+# The kernel's FAT defaults need code page 437 and the ascii I/O charset.
+for module in vfat nls_cp437 nls_ascii nls_utf8; do modprobe -q "$module"; done
 mkdir -p /run/rockpool-config
-mount -t vfat -o ro "$device" /run/rockpool-config || exit 0
+if ! error=$(mount -t vfat -o ro "$device" /run/rockpool-config 2>&1); then
+  say "cannot mount the config disk ($error); identity unchanged"
+  exit 0
+fi
 instance=""
 if [ -f /run/rockpool-config/env ]; then
-  while IFS= read -r line; do
+  while IFS= read -r line || [ -n "$line" ]; do
     case "$line" in ROCKPOOL_INSTANCE_ID=*) instance=${line#ROCKPOOL_INSTANCE_ID=} ;; esac
   done </run/rockpool-config/env
 fi
 umount /run/rockpool-config
-[ -n "$instance" ] || exit 0
+[ -n "$instance" ] || { say "no ROCKPOOL_INSTANCE_ID; identity unchanged"; exit 0; }
 record="${rootmnt}/var/lib/rockpool/instance-id"
 current=""
 [ -f "$record" ] && read -r current <"$record"
 [ "$current" = "$instance" ] && exit 0
-mount -o remount,rw "${rootmnt}" || exit 0
+if ! mount -o remount,rw "${rootmnt}"; then
+  say "cannot write the root; identity unchanged"
+  exit 0
+fi
 chroot "${rootmnt}" /bin/sh -c 'rm -f /etc/ssh/ssh_host_* /var/lib/systemd/random-seed \
   /var/lib/dbus/machine-id && : >/etc/machine-id && mkdir -p /var/lib/rockpool'
 echo "$instance" >"$record"
 sync
 mount -o remount,ro "${rootmnt}"
-echo "rockpool-identity: new instance $instance: SSH host keys and machine-id will be made anew"
+say "instance $instance is new to this disk: SSH host keys and machine-id are made anew"
 HOOK
-  for module in vfat nls_cp437 nls_utf8; do
+  for module in vfat nls_cp437 nls_ascii nls_utf8; do
     grep -qx "$module" /etc/initramfs-tools/modules 2>/dev/null || echo "$module" >>/etc/initramfs-tools/modules
   done
   # shellcheck disable=SC2086
