@@ -446,7 +446,8 @@ record="${rootmnt}/var/lib/rockpool/instance-id"
 current=""
 [ -f "$record" ] && read -r current <"$record"
 [ "$current" = "$instance" ] && exit 0
-if ! mount -o remount,rw "${rootmnt}"; then
+# klibc's mount wants a device and a directory, even to remount.
+if ! mount -o remount,rw "${rootmnt}" "${rootmnt}"; then
   say "cannot write the root; identity unchanged"
   exit 0
 fi
@@ -454,7 +455,7 @@ chroot "${rootmnt}" /bin/sh -c 'rm -f /etc/ssh/ssh_host_* /var/lib/systemd/rando
   /var/lib/dbus/machine-id && : >/etc/machine-id && mkdir -p /var/lib/rockpool'
 echo "$instance" >"$record"
 sync
-mount -o remount,ro "${rootmnt}"
+mount -o remount,ro "${rootmnt}" "${rootmnt}"
 say "instance $instance is new to this disk: SSH host keys and machine-id are made anew"
 HOOK
   for module in vfat nls_cp437 nls_ascii nls_utf8; do
