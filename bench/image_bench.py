@@ -108,7 +108,11 @@ def main() -> int:
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="rockpool-bench-"))
     store_dir = args.store or scratch / "store"
-    results: dict[str, Any] = {"machine": machine_note(), "date": time.strftime("%Y-%m-%d")}
+    results: dict[str, Any] = {
+        "machine": machine_note(),
+        "date": time.strftime("%Y-%m-%d"),
+        "store": str(store_dir),
+    }
 
     if args.store is None:
         results["cold_build_s"], built = rockpool_build(store_dir)
