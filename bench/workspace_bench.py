@@ -59,6 +59,11 @@ def synthetic_version(store: Store, size_gib: int, work: Path) -> str:
     return name
 
 
+def copy_and_sync(source: Path, target: Path) -> None:
+    shutil.copyfile(source, target)
+    os.sync()
+
+
 def measure_size(size: int) -> tuple[int, float, float, float]:
     with tempfile.TemporaryDirectory(prefix="rockpool-wsbench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
@@ -68,7 +73,7 @@ def measure_size(size: int) -> tuple[int, float, float, float]:
         disk = store.resolve(image).output_path("qcow2")
         # A copy is done when it is on disk; syncing also keeps its writeback out of
         # the create and clone timings that follow.
-        copy = timed(lambda: (shutil.copyfile(disk, work / "full-copy.qcow2"), os.sync()))
+        copy = timed(lambda: copy_and_sync(disk, work / "full-copy.qcow2"))
         create = timed(lambda: runtime.create("bench", image))
         clone = timed(lambda: runtime.clone("bench", "bench-clone"))
         return size, copy, create, clone
