@@ -22,14 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.report import write_section
 from rockpool.runtime.qemu import host_arch, kvm_usable
 from rockpool.store import Store, Version
 from tests.e2e.guest import Guest
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "images" / "workspace.toml"
-BENCHMARKS = REPO / "BENCHMARKS.md"
-BEGIN, END = "<!-- image-bench:begin -->", "<!-- image-bench:end -->"
 IDLE_SETTLE_SECONDS = 60
 
 
@@ -178,18 +177,13 @@ def write_markdown(r: dict[str, Any]) -> None:
         ("systemd-analyze", boots[0].systemd_analyze, ""),
     ]
     table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
-    section = (
-        f"{BEGIN}\nMeasured {r['date']} on {r['machine']}.\n\n"
-        f"| measure | result | target |\n| --- | --- | --- |\n{table}\n{END}"
+    body = (
+        f"Measured {r['date']} on {r['machine']}.\n\n"
+        f"| measure | result | target |\n| --- | --- | --- |\n{table}"
     )
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    if BEGIN in text:
-        text = re.sub(
-            re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S
-        )
-    else:
-        text += f"\n## Default image (bench/image_bench.py)\n\n{section}\n"
-    BENCHMARKS.write_text(text)
+    write_section(
+        "image-bench", "Default image (`sudo .venv/bin/python -m bench.image_bench`)", body
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -21,14 +20,13 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.report import write_section
 from rockpool.runtime.base import State
 from rockpool.runtime.qemu import host_arch
 from rockpool.runtime.qemu_runtime import QemuRuntime
 from rockpool.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = REPO / "BENCHMARKS.md"
-BEGIN, END = "<!-- workspace-bench:begin -->", "<!-- workspace-bench:end -->"
 GIB = 1 << 30
 
 
@@ -117,23 +115,17 @@ def main() -> int:
         f"| {size} GB | {copy:.2f} s | {create:.3f} s | {clone:.3f} s |"
         for size, copy, create, clone in rows
     )
-    section = (
-        f"{BEGIN}\nMeasured {time.strftime('%Y-%m-%d')} on the machine noted above.\n\n"
+    body = (
+        f"Measured {time.strftime('%Y-%m-%d')} on the machine noted above.\n\n"
         "| image size | full copy of the disk | create | clone |\n| --- | --- | --- | --- |\n"
         f"{table}\n\nTarget: create and clone < 0.2 s and flat in image size.\n\n"
         "start to /healthz 200 (real default image, fresh workspace): "
         + ", ".join(f"{b:.1f} s" for b in boots)
-        + f"\n{END}"
     )
-    print(section)
-    text = BENCHMARKS.read_text()
-    if BEGIN in text:
-        text = re.sub(
-            re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S
-        )
-    else:
-        text += f"\n## Workspaces (`sudo .venv/bin/python -m bench.workspace_bench`)\n\n{section}\n"
-    BENCHMARKS.write_text(text)
+    print(body)
+    write_section(
+        "workspace-bench", "Workspaces (`sudo .venv/bin/python -m bench.workspace_bench`)", body
+    )
     return 0
 
 
