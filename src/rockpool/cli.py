@@ -147,13 +147,7 @@ def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
 
 def cmd_config_disk(args: argparse.Namespace, reporter: Reporter) -> int:
     env = {"ROCKPOOL_WORKSPACE_NAME": args.name, **_parse_env(args.env)}
-    keys = None
-    if args.authorized_keys:
-        try:
-            keys = Path(args.authorized_keys).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InvalidInput(f"cannot read --authorized-keys: {exc}") from None
-    path = write_carrier(Path(args.path), env, keys)
+    path = write_carrier(Path(args.path), env, _read_keys(args.authorized_keys))
     _emit(args, {"path": str(path.resolve()), "env": env}, str(path))
     return 0
 
@@ -220,13 +214,17 @@ def cmd_workspace(args: argparse.Namespace, reporter: Reporter) -> int:
     return 0
 
 
+def _workspaces_on(version: Version, held: dict[Path, list[str]]) -> list[str]:
+    """The workspaces whose disks are built on one of version's files."""
+    return sorted(
+        {name for path, names in held.items() if path.parent == version.path for name in names}
+    )
+
+
 def cmd_image_rm(args: argparse.Namespace, reporter: Reporter) -> int:
     store = Store.default()
     version = store.resolve(args.ref)
-    held = _runtime().holders()
-    users = sorted(
-        {name for path, names in held.items() if path.parent == version.path for name in names}
-    )
+    users = _workspaces_on(version, _runtime().holders())
     if users:
         raise Conflict(
             f"{version.ref} is in use by workspaces: {', '.join(users)}",
@@ -247,9 +245,7 @@ def cmd_image_gc(args: argparse.Namespace, reporter: Reporter) -> int:
     for name in store.image_names():
         latest = store.latest_id(name)
         for version in store.versions(name):
-            users = sorted(
-                {n for path, names in held.items() if path.parent == version.path for n in names}
-            )
+            users = _workspaces_on(version, held)
             if version.id == latest or users:
                 kept.append(
                     {"image": version.ref, "latest": version.id == latest, "held_by": users}

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import threading
@@ -35,8 +34,12 @@ PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS
 
 
 def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {"PATH": CLEAN_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/root"}
-    env["HOME"] = os.environ.get("HOME", "/root")
+    env = {
+        "PATH": CLEAN_PATH,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": os.environ.get("HOME", "/root"),
+    }
     for name in PROXY_VARIABLES:
         if name in os.environ:
             env[name] = os.environ[name]
@@ -51,16 +54,6 @@ def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     os.setpgrp()
-
-
-def require_tool(name: str, package: str) -> str:
-    path = shutil.which(name, path=CLEAN_PATH)
-    if path is None:
-        raise MissingTool(
-            f"required tool '{name}' is not installed",
-            hint=f"install it with: apt-get install {package}  (or run: rockpool host setup)",
-        )
-    return path
 
 
 def contained(argv: Sequence[str | Path]) -> list[str | Path]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from rockpool.command import CLEAN_PATH, run
+from rockpool.command import CLEAN_PATH, clean_environment, run
 from rockpool.errors import MissingTool
 
 # tool -> Debian package
@@ -78,8 +78,6 @@ def install_packages(packages: list[str]) -> None:
             "this host has no apt-get; install these packages by hand: " + " ".join(packages)
         )
     env = {"DEBIAN_FRONTEND": "noninteractive"}
-    from rockpool.command import clean_environment
-
     run(["apt-get", "update", "-q"], env=clean_environment(env))
     run(
         ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],

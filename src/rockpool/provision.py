@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from pathlib import Path
 
 from rockpool.command import CLEAN_PATH, PROXY_VARIABLES, clean_environment, contained, run
@@ -71,9 +72,9 @@ def setup_environment(ctx: BuildContext) -> dict[str, str]:
 
 
 def provision(ctx: BuildContext) -> None:
+    chroot_env = " ".join(shlex.quote(f"{k}={v}") for k, v in setup_environment(ctx).items())
     runner = (
-        f"BUILD_RUN={BUILD_RUN}\nCHROOT_PATH={CLEAN_PATH}\n"
-        f"CHROOT_ENV=({' '.join(_quote(f'{k}={v}') for k, v in setup_environment(ctx).items())})\n"
+        f"BUILD_RUN={BUILD_RUN}\nCHROOT_PATH={CLEAN_PATH}\nCHROOT_ENV=({chroot_env})\n"
         + CHROOT_RUNNER
     )
     argv: list[str | Path] = [
@@ -87,10 +88,6 @@ def provision(ctx: BuildContext) -> None:
     ]
     run(contained(argv), env=clean_environment(), on_line=ctx.reporter.status)
     ctx.facts["packages"] = installed_versions(ctx.root)
-
-
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 def installed_versions(root: Path) -> dict[str, dict[str, str]]:

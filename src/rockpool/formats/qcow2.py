@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from rockpool.command import require_tool, run
+from rockpool.command import run
 from rockpool.context import BuildContext
 from rockpool.formats import Output, OutputFormat
 
@@ -28,7 +28,7 @@ class Qcow2Format(OutputFormat):
         # the same raw disk always gives the same qcow2.
         run(
             [
-                require_tool("qemu-img", "qemu-utils"),
+                "qemu-img",  # checked with the other build tools before the build
                 "convert",
                 "-p",
                 "-c",

@@ -238,10 +238,7 @@ class QemuVM:
 
     def start(self) -> None:
         binary = QEMU_BINARY[self.config.arch]
-        host.require(
-            {binary: "qemu-system-x86" if self.config.arch == "amd64" else "qemu-system-arm"},
-            "running a VM",
-        )
+        host.require({binary: {**host.RUN_TOOLS, **host.RUN_TOOLS_ARM64}[binary]}, "running a VM")
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
         self.qmp_socket.unlink(missing_ok=True)
         self.pidfile.unlink(missing_ok=True)
