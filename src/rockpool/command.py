@@ -155,6 +155,31 @@ def run(
     return subprocess.CompletedProcess(args, returncode, stdout, "\n".join(stderr_tail))
 
 
+def spawn(
+    argv: Sequence[str | Path], *, log_path: Path, env: Mapping[str, str] | None = None
+) -> int:
+    """Start a long-lived command (a VM) that outlives rockpool; its output goes to log_path.
+
+    It runs in a session of its own, so neither rockpool's exit nor a Ctrl-C in the
+    worker's terminal stops it. Returns its pid.
+    """
+    args = [str(a) for a in argv]
+    log.info("$ %s &", shlex.join(args))
+    try:
+        with open(log_path, "ab") as output:
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else clean_environment(),
+                start_new_session=True,
+            )
+    except FileNotFoundError as exc:
+        raise MissingTool(f"required tool '{args[0]}' is not installed") from exc
+    return proc.pid
+
+
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
     """Stop a command and everything in its process group."""
     for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
