@@ -8,9 +8,7 @@ from pathlib import Path
 from rockpool import host
 from rockpool.command import clean_environment, contained, run
 from rockpool.context import BuildContext
-from rockpool.errors import MissingTool
 from rockpool.progress import Task
-from rockpool.spec import host_architecture
 
 # What makes the root bootable; the spec's packages and setup.sh's own come on top.
 BOOT_PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "systemd-boot-efi")
@@ -67,26 +65,10 @@ def setup_script_packages(ctx: BuildContext) -> list[str]:
     return result.stdout.split()
 
 
-BINFMT = {"arm64": "qemu-aarch64", "amd64": "qemu-x86_64"}
-
-
-def require_foreign_architecture_support(arch: str) -> None:
-    """A root for another architecture runs its maintainer scripts under qemu-user."""
-    if arch == host_architecture():
-        return
-    host.require(host.FOREIGN_BUILD_TOOLS, f"building an {arch} image on this host")
-    if not Path("/proc/sys/fs/binfmt_misc", BINFMT[arch]).exists():
-        raise MissingTool(
-            f"building an {arch} image needs binfmt_misc support for {BINFMT[arch]}",
-            hint="run: sudo mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; "
-            "sudo update-binfmts --enable",
-        )
-
-
 def bootstrap(ctx: BuildContext) -> None:
     host.require(host.BUILD_TOOLS, "building an image")
     spec = ctx.spec
-    require_foreign_architecture_support(spec.architecture)
+    host.require_foreign_architecture(spec.architecture)
     packages = dict.fromkeys(
         [
             *BOOT_PACKAGES,

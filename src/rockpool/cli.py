@@ -156,6 +156,8 @@ def cmd_host_setup(args: argparse.Namespace, reporter: Reporter) -> int:
     packages = host.packages(with_tests=args.with_tests)
     with reporter.stage("installing host packages"):
         host.install_packages(packages)
+    with reporter.stage("enabling foreign architectures (binfmt_misc, qemu-user)"):
+        host.enable_foreign_architectures()
     _emit(args, {"installed": packages}, "host tools installed: " + " ".join(packages))
     return 0
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 from rockpool.command import CLEAN_PATH, clean_environment, run
 from rockpool.errors import MissingTool
+from rockpool.spec import host_architecture
 
 # tool -> Debian package
 BUILD_TOOLS = {
@@ -69,6 +71,34 @@ def require_root(purpose: str) -> None:
             f"{purpose} needs root (it bootstraps Debian into a directory with real ownership)",
             hint="run it with sudo",
         )
+
+
+# binfmt_misc entries that run another architecture's binaries under qemu-user.
+BINFMT = {"arm64": "qemu-aarch64", "amd64": "qemu-x86_64"}
+BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
+
+
+def require_foreign_architecture(arch: str) -> None:
+    """A root for another architecture runs its maintainer scripts under qemu-user."""
+    if arch == host_architecture():
+        return
+    require(FOREIGN_BUILD_TOOLS, f"building an {arch} image on this host")
+    if not (BINFMT_MISC / BINFMT[arch]).exists():
+        raise MissingTool(
+            f"building an {arch} image needs binfmt_misc support for {BINFMT[arch]}",
+            hint="run: sudo rockpool host setup   (it mounts binfmt_misc and enables qemu-user)",
+        )
+
+
+def enable_foreign_architectures() -> list[str]:
+    """Mount binfmt_misc if needed and enable qemu-user for the other architecture."""
+    if not (BINFMT_MISC / "register").exists():
+        run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_MISC)])
+    foreign = [arch for arch in BINFMT if arch != host_architecture()]
+    for arch in foreign:
+        if not (BINFMT_MISC / BINFMT[arch]).exists():
+            run(["update-binfmts", "--enable", BINFMT[arch]])
+    return foreign
 
 
 def install_packages(packages: list[str]) -> None:

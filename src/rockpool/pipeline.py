@@ -36,13 +36,7 @@ log = logging.getLogger("rockpool.pipeline")
 LOGS_KEPT = 20
 _HASH_CHUNK = 8 << 20
 # The modules whose code shapes the image: a change to any of them is a new input.
-_PIPELINE_MODULES = (
-    "bootstrap.py",
-    "provision.py",
-    "disk.py",
-    "formats/raw.py",
-    "formats/qcow2.py",
-)
+_PIPELINE_MODULES = ("bootstrap.py", "provision.py", "disk.py", "formats/*.py")
 
 
 @dataclass(frozen=True)
@@ -65,7 +59,8 @@ class BuildResult:
 
 def input_digest(spec: ImageSpec) -> str:
     package_dir = Path(rockpool.__file__).parent
-    code = [hashlib.sha256((package_dir / m).read_bytes()).hexdigest() for m in _PIPELINE_MODULES]
+    modules = sorted(path for pattern in _PIPELINE_MODULES for path in package_dir.glob(pattern))
+    code = [hashlib.sha256(module.read_bytes()).hexdigest() for module in modules]
     return spec_digest(spec, *code)
 
 
@@ -104,6 +99,33 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def output_digest(path: Path, known: dict[tuple[int, int], str]) -> str:
+    """sha256 of a file, or of a directory's sorted (path, sha256) listing.
+
+    known maps (device, inode) to digests already computed, so a hard link to the raw
+    disk (Tart's disk.img) is not read again.
+    """
+    if path.is_file():
+        stat = path.stat()
+        key = (stat.st_dev, stat.st_ino)
+        if key not in known:
+            known[key] = sha256_file(path)
+        return known[key]
+    listing = "".join(
+        f"{member.relative_to(path).as_posix()}\0{output_digest(member, known)}\n"
+        for member in sorted(path.rglob("*"))
+        if member.is_file()
+    )
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _allocated(path: Path) -> tuple[int, int]:
+    """(apparent size, bytes allocated) of a file or of every file below a directory."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    stats = [f.stat() for f in files]
+    return sum(s.st_size for s in stats), sum(s.st_blocks * 512 for s in stats)
+
+
 def write_formats(ctx: BuildContext) -> None:
     out = ctx.outputs_dir
     out.mkdir()
@@ -114,15 +136,13 @@ def write_formats(ctx: BuildContext) -> None:
         for name in ctx.spec.formats:
             written = output_format(name).write(ctx, ctx.disk, out)
             outputs[name] = {"file": written.path.name}
-        for name, entry in outputs.items():
+        disk = ctx.disk.stat()
+        known = {(disk.st_dev, disk.st_ino): raw_digest.result()}
+        for entry in outputs.values():
             path = out / entry["file"]
-            stat = path.stat()
+            size, allocated = _allocated(path)
             entry.update(
-                {
-                    "size": stat.st_size,
-                    "allocated": stat.st_blocks * 512,
-                    "sha256": raw_digest.result() if name == "raw" else sha256_file(path),
-                }
+                {"size": size, "allocated": allocated, "sha256": output_digest(path, known)}
             )
     ctx.facts["outputs"] = outputs
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.errors import SpecError
-from rockpool.formats import FORMAT_NAMES
+from rockpool.formats import ARM64_ONLY_FORMATS, FORMAT_NAMES
 from rockpool.names import SLUG_RULE, is_slug
 from rockpool.units import parse_size
 
@@ -337,6 +337,18 @@ def load_spec(path: Path) -> ImageSpec:
     architecture = merged[("image", "architecture")]
     if architecture == "host":
         architecture = host_architecture()
+    formats = tuple(dict.fromkeys(merged[("image", "formats")]))
+    arm64_only = [f for f in formats if f in ARM64_ONLY_FORMATS]
+    if arm64_only and architecture != "arm64":
+        formats_key = ("image", "formats")
+        raise SpecError(
+            origin.get(formats_key, top),
+            "image.formats",
+            f"{', '.join(arm64_only)} output needs an arm64 image (Tart runs only arm64 "
+            f"guests on Apple Silicon), but this image is {architecture}",
+            hint='set image.architecture = "arm64" (as images/workspace-arm64.toml does), '
+            "or drop the Tart formats",
+        )
     return ImageSpec(
         path=top,
         name=merged[("image", "name")],
@@ -344,7 +356,7 @@ def load_spec(path: Path) -> ImageSpec:
         suite=merged[("image", "suite")],
         architecture=architecture,
         disk_size=parse_size(str(merged[("image", "disk_size")])),
-        formats=tuple(dict.fromkeys(merged[("image", "formats")])),
+        formats=formats,
         mirror=merged[("debian", "mirror")],
         security_mirror=merged[("debian", "security_mirror")],
         packages=tuple(packages),

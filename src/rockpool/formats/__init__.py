@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rockpool.command import run
+
 if TYPE_CHECKING:
     from rockpool.context import BuildContext
 
 # Kept here, free of imports, so that spec validation can name the valid formats.
-FORMAT_NAMES = ("raw", "qcow2")
+FORMAT_NAMES = ("raw", "qcow2", "tart", "tart-oci")
+# Tart runs only arm64 guests (Apple Silicon).
+ARM64_ONLY_FORMATS = ("tart", "tart-oci")
 
 
 @dataclass(frozen=True)
@@ -33,9 +38,20 @@ class OutputFormat(ABC):
         """Write this format's file(s) into out_dir, leaving raw_disk untouched."""
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """The assembled disk is final and lies in the same store, so a hard link costs
+    nothing; a sparse copy is the fallback across filesystems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        run(["cp", "--sparse=always", "--reflink=auto", source, target])
+
+
 def output_format(name: str) -> OutputFormat:
     from rockpool.formats.qcow2 import Qcow2Format
     from rockpool.formats.raw import RawFormat
+    from rockpool.formats.tart import TartBundleFormat
+    from rockpool.formats.tart_oci import TartOciFormat
 
-    backends: dict[str, OutputFormat] = {"raw": RawFormat(), "qcow2": Qcow2Format()}
-    return backends[name]
+    backends: list[OutputFormat] = [RawFormat(), Qcow2Format(), TartBundleFormat(), TartOciFormat()]
+    return next(backend for backend in backends if backend.name == name)

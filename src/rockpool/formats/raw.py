@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from rockpool.command import run
 from rockpool.context import BuildContext
-from rockpool.formats import Output, OutputFormat
+from rockpool.formats import Output, OutputFormat, link_or_copy
 
 
 class RawFormat(OutputFormat):
@@ -16,10 +14,5 @@ class RawFormat(OutputFormat):
 
     def write(self, ctx: BuildContext, raw_disk: Path, out_dir: Path) -> Output:
         target = out_dir / self.filename
-        # The assembled disk is final and lies in the same store, so a hard link costs
-        # nothing; a sparse copy is the fallback across filesystems.
-        try:
-            os.link(raw_disk, target)
-        except OSError:
-            run(["cp", "--sparse=always", "--reflink=auto", raw_disk, target])
+        link_or_copy(raw_disk, target)
         return Output(self.name, target)

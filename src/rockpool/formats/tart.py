@@ -1,0 +1,65 @@
+"""tart: a Tart VM bundle (config.json + disk.img) that `rockpool image install --runtime
+tart` turns into a local Tart VM on macOS.
+
+nvram.bin, the third file of a Tart VM, is an Apple VZEFIVariableStore that only macOS's
+Virtualization framework can create, so the bundle leaves it out; the install step
+gets a genuine one from `tart create --linux`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from rockpool.context import BuildContext
+from rockpool.formats import Output, OutputFormat, link_or_copy
+
+CONFIG = "config.json"
+DISK = "disk.img"
+CONFIG_VERSION = 1
+DISPLAY = {"width": 1024, "height": 768}
+
+
+def mac_address(input_digest: str) -> str:
+    """A locally administered unicast MAC derived from the inputs, so rebuilds match.
+
+    Tart gives a clone a fresh MAC when the address is already in use on the host.
+    """
+    octets = bytearray(hashlib.sha256(f"rockpool-mac:{input_digest}".encode()).digest()[:6])
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{octet:02x}" for octet in octets)
+
+
+def tart_config(ctx: BuildContext) -> dict[str, Any]:
+    """Tart's VMConfig for a Linux guest with the spec's CPUs and memory."""
+    spec = ctx.spec
+    return {
+        "version": CONFIG_VERSION,
+        "os": "linux",
+        "arch": spec.architecture,
+        "cpuCountMin": spec.cpus,
+        "cpuCount": spec.cpus,
+        "memorySizeMin": spec.memory,
+        "memorySize": spec.memory,
+        "macAddress": mac_address(ctx.input_digest),
+        "display": DISPLAY,
+        "diskFormat": "raw",
+    }
+
+
+def config_bytes(ctx: BuildContext) -> bytes:
+    return json.dumps(tart_config(ctx), indent=2, sort_keys=True).encode() + b"\n"
+
+
+class TartBundleFormat(OutputFormat):
+    name = "tart"
+    filename = "tart"
+
+    def write(self, ctx: BuildContext, raw_disk: Path, out_dir: Path) -> Output:
+        bundle = out_dir / self.filename
+        bundle.mkdir()
+        (bundle / CONFIG).write_bytes(config_bytes(ctx))
+        link_or_copy(raw_disk, bundle / DISK)
+        return Output(self.name, bundle)
