@@ -95,6 +95,23 @@ def cmd_image_ls(args: argparse.Namespace, reporter: Reporter) -> int:
     return 0
 
 
+def cmd_image_push(args: argparse.Namespace, reporter: Reporter) -> int:
+    from rockpool.push import push
+
+    store = Store.default()
+    version = store.resolve(args.ref)
+    reference = push(
+        version,
+        args.destination,
+        store,
+        reporter,
+        insecure=args.insecure,
+        nvram=Path(args.nvram) if args.nvram else None,
+    )
+    _emit(args, {"image": version.ref, "pushed": reference}, reference)
+    return 0
+
+
 def cmd_image_inspect(args: argparse.Namespace, reporter: Reporter) -> int:
     version = Store.default().resolve(args.ref)
     manifest = {**version.manifest, "path": str(version.path)}
@@ -327,6 +344,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--authorized-keys", metavar="FILE")
     p.set_defaults(handler=cmd_config_disk)
 
+    p = image.add_parser(
+        "push", parents=[json_flag], help="copy a version's Tart OCI image to a registry"
+    )
+    p.add_argument("ref", help="NAME, NAME:latest or NAME:VERSION (built with the tart-oci format)")
+    p.add_argument("destination", help="HOST[:PORT]/REPOSITORY[:TAG] (tag default: the version)")
+    p.add_argument(
+        "--insecure", action="store_true", help="plain HTTP / unverified TLS (local registries)"
+    )
+    p.add_argument(
+        "--nvram",
+        metavar="FILE",
+        help="nvram.bin for Tart's nvram layer (default on macOS: made by tart create --linux)",
+    )
+    p.set_defaults(handler=cmd_image_push)
     p = image.add_parser("rm", parents=[json_flag], help="remove a version no workspace uses")
     p.add_argument("ref", help="NAME:VERSION or NAME (its latest)")
     p.set_defaults(handler=cmd_image_rm)

@@ -32,8 +32,11 @@ RUN_TOOLS = {
     "mcopy": "mtools",
 }
 RUN_TOOLS_ARM64 = {"qemu-system-aarch64": "qemu-system-arm"}
+PUSH_TOOLS = {"skopeo": "skopeo"}
 FIRMWARE_PACKAGES = {"amd64": "ovmf", "arm64": "qemu-efi-aarch64"}
-TEST_PACKAGES = ("openssh-client", "caddy")  # caddy: the real reverse proxy in tests
+# caddy: the real reverse proxy; docker-registry: a real registry on 127.0.0.1;
+# lz4: an LZ4 decoder independent of python-lz4.
+TEST_PACKAGES = ("openssh-client", "caddy", "docker-registry", "lz4")
 # What `rockpool host setup` installs, for building and running both architectures.
 RUNTIME_PACKAGES = sorted(
     {
@@ -42,6 +45,7 @@ RUNTIME_PACKAGES = sorted(
         *RUN_TOOLS.values(),
         *RUN_TOOLS_ARM64.values(),
         *FIRMWARE_PACKAGES.values(),
+        *PUSH_TOOLS.values(),
         "ca-certificates",
     }
 )

@@ -99,23 +99,29 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def output_digest(path: Path, known: dict[tuple[int, int], str]) -> str:
-    """sha256 of a file, or of a directory's sorted (path, sha256) listing.
+def file_digests(path: Path, known: dict[tuple[int, int], str]) -> dict[str, str]:
+    """sha256 of a file, or of each file below a directory, by relative path.
 
     known maps (device, inode) to digests already computed, so a hard link to the raw
     disk (Tart's disk.img) is not read again.
     """
-    if path.is_file():
-        stat = path.stat()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digests = {}
+    for member in files:
+        stat = member.stat()
         key = (stat.st_dev, stat.st_ino)
         if key not in known:
-            known[key] = sha256_file(path)
-        return known[key]
-    listing = "".join(
-        f"{member.relative_to(path).as_posix()}\0{output_digest(member, known)}\n"
-        for member in sorted(path.rglob("*"))
-        if member.is_file()
-    )
+            known[key] = sha256_file(member)
+        digests[member.relative_to(path).as_posix() if member != path else ""] = known[key]
+    return digests
+
+
+def output_digest(path: Path, known: dict[tuple[int, int], str]) -> str:
+    """sha256 of a file, or of a directory's sorted (path, sha256) listing."""
+    digests = file_digests(path, known)
+    if path.is_file():
+        return digests[""]
+    listing = "".join(f"{name}\0{digest}\n" for name, digest in digests.items())
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
@@ -144,6 +150,8 @@ def write_formats(ctx: BuildContext) -> None:
             entry.update(
                 {"size": size, "allocated": allocated, "sha256": output_digest(path, known)}
             )
+            if path.is_dir():
+                entry["files"] = file_digests(path, known)
     ctx.facts["outputs"] = outputs
 
 

@@ -47,13 +47,22 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
 
 
 class Guest:
-    def __init__(self, image: Version, run_dir: Path, ssh_key: Path, disk_size: int | None = None):
+    def __init__(
+        self,
+        image: Version,
+        run_dir: Path,
+        ssh_key: Path,
+        disk_size: int | None = None,
+        base: tuple[Path, str] | None = None,
+    ):
+        """base: the disk to boot (path, format); default the image's qcow2."""
         self.image = image
         self.run_dir = run_dir
         self.ssh_key = ssh_key
         run_dir.mkdir(parents=True, exist_ok=True)
         self.disk = run_dir / "disk.qcow2"
-        create_overlay(image.output_path("qcow2"), "qcow2", self.disk, disk_size)
+        base_disk, base_format = base or (image.output_path("qcow2"), "qcow2")
+        create_overlay(base_disk, base_format, self.disk, disk_size)
         self.carrier = run_dir / "config.img"
         self.vm: QemuVM | None = None
 

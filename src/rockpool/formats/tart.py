@@ -33,7 +33,8 @@ def mac_address(input_digest: str) -> str:
 
 
 def tart_config(ctx: BuildContext) -> dict[str, Any]:
-    """Tart's VMConfig for a Linux guest with the spec's CPUs and memory."""
+    """Tart's VMConfig for a Linux guest with the spec's CPUs and memory, keys in the
+    order Tart writes them (Sources/tart/VMConfig.swift)."""
     spec = ctx.spec
     return {
         "version": CONFIG_VERSION,
@@ -50,7 +51,8 @@ def tart_config(ctx: BuildContext) -> dict[str, Any]:
 
 
 def config_bytes(ctx: BuildContext) -> bytes:
-    return json.dumps(tart_config(ctx), indent=2, sort_keys=True).encode() + b"\n"
+    """config.json as Tart itself serializes it: compact, in Tart's key order."""
+    return json.dumps(tart_config(ctx), separators=(",", ":")).encode()
 
 
 class TartBundleFormat(OutputFormat):

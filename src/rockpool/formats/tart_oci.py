@@ -1,15 +1,17 @@
 """tart-oci: the image as Tart pushes it to a registry, in an OCI image-layout directory.
 
-Copy it to any registry (`rockpool image push`, or `skopeo copy oci:DIR docker://...`)
-and `tart pull` accepts it. Layers, in Tart's order:
+Layers, in Tart's order:
     1   Tart's config.json
     N   disk v2: the raw disk in 512 MiB chunks, each Apple-LZ4 compressed on its own
-    (1  nvram.bin: left out; only macOS can create it, see docs/tart.md)
+    1   nvram.bin: left out of the build, because only macOS can create one. `tart pull`
+        insists on it, so `rockpool image push` adds it to a copy of the layout
+        (with_nvram) from `tart create --linux` on macOS, or from --nvram elsewhere.
 """
 
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import hashlib
 import json
 import os
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.context import BuildContext
-from rockpool.formats import Output, OutputFormat, apple_lz4
+from rockpool.formats import Output, OutputFormat, apple_lz4, link_or_copy
 from rockpool.formats.tart import config_bytes
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -33,6 +35,8 @@ TART_NVRAM_TYPE = "application/vnd.cirruslabs.tart.nvram.v1"
 UNCOMPRESSED_SIZE = "org.cirruslabs.tart.uncompressed-size"
 UNCOMPRESSED_DIGEST = "org.cirruslabs.tart.uncompressed-content-digest"
 UNCOMPRESSED_DISK_SIZE = "org.cirruslabs.tart.uncompressed-disk-size"
+UPLOAD_TIME = "org.cirruslabs.tart.upload-time"
+DISK_FORMAT_LABEL = "org.cirruslabs.tart.disk.format"
 CHUNK_SIZE = 512 << 20
 _READ_SIZE = 8 << 20
 
@@ -72,6 +76,11 @@ class Layout:
         tmp = target.with_name(f".{uuid.uuid4().hex}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, target)
+
+    def link_blob(self, source: Path) -> None:
+        target = self.blobs / source.name
+        if not target.exists():
+            link_or_copy(source, target)
 
     def finish(self, manifest: Blob) -> None:
         (self.root / "oci-layout").write_bytes(canonical_json({"imageLayoutVersion": "1.0.0"}))
@@ -164,13 +173,44 @@ class TartOciFormat(OutputFormat):
             }
             layers.append(blob.descriptor(TART_DISK_TYPE, **annotations))
         task.done()
-        image_config = {"architecture": ctx.spec.architecture, "os": "linux", "config": {}}
+        image_config = {
+            "architecture": ctx.spec.architecture,
+            "os": "linux",
+            "config": {"Labels": {DISK_FORMAT_LABEL: "raw"}},
+        }
+        # Tart stamps the push time; the build's SOURCE_DATE_EPOCH keeps rebuilds identical.
+        stamp = dt.datetime.fromtimestamp(ctx.source_date_epoch, dt.UTC)
         manifest = {
             "schemaVersion": 2,
             "mediaType": MANIFEST_TYPE,
             "config": layout.add_bytes(canonical_json(image_config)).descriptor(OCI_CONFIG_TYPE),
             "layers": layers,
-            "annotations": {UNCOMPRESSED_DISK_SIZE: str(disk_size)},
+            "annotations": {
+                UNCOMPRESSED_DISK_SIZE: str(disk_size),
+                UPLOAD_TIME: stamp.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            },
         }
         layout.finish(layout.add_bytes(canonical_json(manifest)))
         return Output(self.name, layout.root)
+
+
+def read_manifest(layout: Path) -> tuple[dict[str, Any], Path]:
+    """The single manifest of a layout, and its blob's path."""
+    index = json.loads((layout / "index.json").read_text(encoding="utf-8"))
+    (entry,) = index["manifests"]
+    path = layout / "blobs" / "sha256" / entry["digest"].removeprefix("sha256:")
+    return json.loads(path.read_text(encoding="utf-8")), path
+
+
+def with_nvram(layout: Path, nvram: bytes, target: Path) -> Path:
+    """A copy of a layout (blobs hard-linked) with Tart's nvram layer appended."""
+    manifest, _ = read_manifest(layout)
+    if any(layer["mediaType"] == TART_NVRAM_TYPE for layer in manifest["layers"]):
+        return layout
+    copy = Layout(target)
+    for blob in sorted((layout / "blobs" / "sha256").iterdir()):
+        copy.link_blob(blob)
+    nvram_layer = copy.add_bytes(nvram).descriptor(TART_NVRAM_TYPE)
+    manifest = {**manifest, "layers": [*manifest["layers"], nvram_layer]}
+    copy.finish(copy.add_bytes(canonical_json(manifest)))
+    return target

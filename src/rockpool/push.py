@@ -1,0 +1,94 @@
+"""Copy a version's Tart OCI layout to a registry, for teams that share images.
+
+The store itself needs no registry; this is the one way out of it. skopeo copies the
+layout as it is (`--preserve-digests`): the manifest, config and Tart's disk layers
+keep their bytes, media types and annotations, so `tart pull` gets exactly what the
+build wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+from rockpool import host
+from rockpool.command import clean_environment, run
+from rockpool.errors import InvalidInput
+from rockpool.formats.tart_oci import with_nvram
+from rockpool.progress import Reporter
+from rockpool.store import Store, Version
+
+OCI_FORMAT = "tart-oci"
+# HOST[:PORT]/REPOSITORY[:TAG], the reference `tart pull` takes.
+_REFERENCE = re.compile(
+    r"^(?P<host>[a-zA-Z0-9.-]+(:[0-9]{1,5})?)"
+    r"/(?P<repository>[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*)"
+    r"(:(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?$"
+)
+# Registry credentials skopeo reads, passed through from the caller.
+_AUTH_VARIABLES = ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG")
+
+
+def destination_reference(destination: str, version: Version) -> str:
+    """The full HOST/REPOSITORY:TAG; the tag defaults to the version id."""
+    bare = destination.removeprefix("docker://")
+    match = _REFERENCE.match(bare)
+    if match is None:
+        raise InvalidInput(
+            f"'{destination}' is not a registry reference",
+            hint="use HOST[:PORT]/REPOSITORY[:TAG], e.g. registry.example.com/rockpool/workspace",
+        )
+    return bare if match.group("tag") else f"{bare}:{version.id}"
+
+
+def read_nvram(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"--nvram {path}: cannot read it ({exc.strerror})") from None
+    if not data:
+        raise InvalidInput(
+            f"--nvram {path} is empty; Tart needs a real EFI variable store",
+            hint="take nvram.bin from a VM made on macOS with: tart create --linux NAME",
+        )
+    return data
+
+
+def nvram_for_push(nvram: Path | None) -> bytes:
+    if nvram is not None:
+        return read_nvram(nvram)
+    if platform.system() == "Darwin":
+        from rockpool.runtime.tart import fresh_nvram
+
+        return fresh_nvram()
+    raise InvalidInput(
+        "tart pull needs an nvram layer, and only macOS can create an EFI variable store",
+        hint="push from macOS (rockpool makes one with tart create --linux), or pass "
+        "--nvram PATH with an nvram.bin made once on a Mac (tart create --linux NAME)",
+    )
+
+
+def push(
+    version: Version,
+    destination: str,
+    store: Store,
+    reporter: Reporter,
+    *,
+    insecure: bool,
+    nvram: Path | None = None,
+) -> str:
+    layout: Path = version.output_path(OCI_FORMAT)
+    reference = destination_reference(destination, version)
+    host.require(host.PUSH_TOOLS, "pushing an image to a registry")
+    nvram_bytes = nvram_for_push(nvram)
+    env = clean_environment({k: os.environ[k] for k in _AUTH_VARIABLES if k in os.environ})
+    argv: list[str | Path] = ["skopeo", "copy", "--preserve-digests", "--retry-times", "3"]
+    if insecure:
+        argv.append("--dest-tls-verify=false")
+    reporter.info(f"pushing {version.ref} to {reference}")
+    with store.staging() as work:
+        complete = with_nvram(layout, nvram_bytes, work / "oci")
+        run([*argv, f"oci:{complete}", f"docker://{reference}"], env=env, on_line=reporter.status)
+    return reference

@@ -1,0 +1,185 @@
+"""End to end for Apple Silicon: an arm64 cross-build from the same spec and setup.sh,
+booted in qemu-system-aarch64 with AAVMF and a fresh NVRAM (Tart's situation); the
+Tart bundle; the Tart OCI layout decoded independently and pushed to a real registry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rockpool.formats import tart_oci
+from rockpool.store import Store, Version
+from tests.e2e.conftest import REPO, run_rockpool
+from tests.e2e.guest import Guest
+from tests.e2e.registry import blob, local_registry, manifest
+from tests.e2e.test_image import check_behind_caddy
+from tests.lz4_frames import decode_digest
+
+pytestmark = pytest.mark.vm
+ARM64_SPEC = REPO / "tests" / "specs" / "arm64.toml"
+
+
+@pytest.fixture(scope="session")
+def arm64_image(store_home: Path) -> Version:
+    result = run_rockpool(store_home, "image", "build", str(ARM64_SPEC), "--json", timeout=5400)
+    assert result.returncode == 0, f"arm64 build failed:\n{result.stderr[-4000:]}"
+    built = json.loads(result.stdout)
+    return Store(store_home).version(built["name"], built["version"])
+
+
+def test_arm64_manifest_and_tart_bundle(arm64_image: Version) -> None:
+    manifest = arm64_image.manifest
+    assert manifest["architecture"] == "arm64"
+    assert manifest["spec"]["setup_script"] == str(REPO / "images" / "scripts" / "setup.sh")
+    assert set(manifest["outputs"]) == {"tart", "tart-oci", "qcow2"}
+    bundle = arm64_image.output_path("tart")
+    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "disk.img"]
+    config = json.loads((bundle / "config.json").read_text())
+    spec = manifest["spec"]
+    assert (config["os"], config["arch"], config["diskFormat"]) == ("linux", "arm64", "raw")
+    assert config["cpuCount"] == spec["cpus"] and config["memorySize"] == spec["memory"]
+    assert re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", config["macAddress"])
+    assert (bundle / "disk.img").stat().st_size == spec["disk_size"]
+    # The removable-media boot path for arm64 UEFI is on the ESP.
+    disk = bundle / "disk.img"
+    table = json.loads(
+        subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, check=True).stdout
+    )["partitiontable"]
+    esp_offset = table["partitions"][0]["start"] * 512
+    listing = subprocess.run(
+        ["mdir", "-b", "-i", f"{disk}@@{esp_offset}", "::/EFI/BOOT"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"},
+    ).stdout
+    assert "BOOTAA64.EFI" in listing.upper()
+
+
+def test_tart_oci_layers_decode_to_the_disk(arm64_image: Version) -> None:
+    layout = arm64_image.output_path("tart-oci")
+    image_manifest, _ = tart_oci.read_manifest(layout)
+    config_layer, *disk_layers = image_manifest["layers"]
+    assert config_layer["mediaType"] == tart_oci.TART_CONFIG_TYPE
+    disk = arm64_image.output_path("tart") / "disk.img"
+    size = disk.stat().st_size
+    assert len(disk_layers) == -(-size // tart_oci.CHUNK_SIZE)
+    assert image_manifest["annotations"][tart_oci.UNCOMPRESSED_DISK_SIZE] == str(size)
+    whole = hashlib.sha256()
+    with open(disk, "rb") as raw:
+        for layer in disk_layers:
+            assert layer["mediaType"] == tart_oci.TART_DISK_TYPE
+            path = layout / "blobs" / "sha256" / layer["digest"].removeprefix("sha256:")
+            decoded_size, decoded_digest = decode_digest(path)  # the lz4 tool, not python-lz4
+            annotations = layer["annotations"]
+            assert int(annotations[tart_oci.UNCOMPRESSED_SIZE]) == decoded_size
+            assert annotations[tart_oci.UNCOMPRESSED_DIGEST] == f"sha256:{decoded_digest}"
+            chunk = raw.read(decoded_size)
+            assert hashlib.sha256(chunk).hexdigest() == decoded_digest
+            whole.update(chunk)
+    assert whole.hexdigest() == arm64_image.manifest["outputs"]["tart"]["files"]["disk.img"]
+
+
+def test_push_to_a_local_registry_keeps_tarts_format(
+    arm64_image: Version, store_home: Path, tmp_path: Path
+) -> None:
+    layout = arm64_image.output_path("tart-oci")
+    built_manifest, built_path = tart_oci.read_manifest(layout)
+    # nvram.bin comes from macOS (tart create --linux); a placeholder carries it here.
+    nvram = tmp_path / "nvram.bin"
+    nvram.write_bytes(b"placeholder EFI variable store (test only)")
+
+    with local_registry(tmp_path / "registry") as port:
+        destination = f"127.0.0.1:{port}/rockpool/test-arm64"
+        refused = run_rockpool(store_home, "image", "push", arm64_image.ref, destination)
+        assert refused.returncode == 2 and "nvram" in refused.stderr
+        assert "Traceback" not in refused.stderr
+
+        pushed = run_rockpool(
+            store_home,
+            "image",
+            "push",
+            arm64_image.ref,
+            destination,
+            "--insecure",
+            "--nvram",
+            str(nvram),
+            "--json",
+            timeout=1800,
+        )
+        assert pushed.returncode == 0, pushed.stderr
+        reference = json.loads(pushed.stdout)["pushed"]
+        assert reference == f"{destination}:{arm64_image.id}"
+
+        inspected = json.loads(
+            subprocess.run(
+                ["skopeo", "inspect", "--tls-verify=false", f"docker://{reference}"],
+                capture_output=True,
+                check=True,
+            ).stdout
+        )
+        assert inspected["Architecture"] == "arm64" and inspected["Os"] == "linux"
+
+        digest, served = manifest(
+            port, "rockpool/test-arm64", arm64_image.id, tart_oci.MANIFEST_TYPE
+        )
+        assert served["mediaType"] == tart_oci.MANIFEST_TYPE
+        assert served["config"]["mediaType"] == tart_oci.OCI_CONFIG_TYPE
+        media_types = [layer["mediaType"] for layer in served["layers"]]
+        disk_count = len(built_manifest["layers"]) - 1
+        assert media_types == [
+            tart_oci.TART_CONFIG_TYPE,
+            *[tart_oci.TART_DISK_TYPE] * disk_count,
+            tart_oci.TART_NVRAM_TYPE,
+        ]
+        # Everything but the added nvram layer is exactly what the build wrote.
+        assert served["layers"][:-1] == built_manifest["layers"]
+        assert served["annotations"] == built_manifest["annotations"]
+        served_bytes = json.dumps(served, sort_keys=True, separators=(",", ":")).encode()
+        assert digest == "sha256:" + hashlib.sha256(served_bytes).hexdigest()
+        assert blob(port, "rockpool/test-arm64", served["layers"][-1]["digest"]) == (
+            nvram.read_bytes()
+        )
+        image_config = json.loads(blob(port, "rockpool/test-arm64", served["config"]["digest"]))
+        assert image_config["architecture"] == "arm64"
+        assert image_config["config"]["Labels"][tart_oci.DISK_FORMAT_LABEL] == "raw"
+        first_disk = served["layers"][1]["digest"]
+        assert hashlib.sha256(blob(port, "rockpool/test-arm64", first_disk)).hexdigest() == (
+            first_disk.removeprefix("sha256:")
+        )
+    assert built_path.is_file()  # the stored version is untouched
+
+
+def test_arm64_boots_with_aavmf_and_serves_code_server(
+    arm64_image: Version, ssh_key: Path, tmp_path: Path
+) -> None:
+    # Tart boots disk.img itself, with a fresh EFI variable store and a larger disk.
+    disk = arm64_image.output_path("tart") / "disk.img"
+    guest = Guest(arm64_image, tmp_path / "carol", ssh_key, disk_size=6 << 30, base=(disk, "raw"))
+    guest.configure({"ROCKPOOL_WORKSPACE_NAME": "carol"})
+    try:
+        guest.start()
+        guest.wait_healthz()
+        guest.wait_ssh()
+        assert guest.ssh("uname -m").strip() == "aarch64"
+        assert guest.ssh("hostname").strip() == "carol"
+        assert re.fullmatch(r"[0-9a-f]{32}\n", guest.ssh("cat /etc/machine-id"))
+        assert "ssh_host_ed25519_key" in guest.ssh("ls /etc/ssh")
+        leases = guest.ssh("sudo cat /run/systemd/netif/leases/*")
+        assert f"CLIENTID=01{guest.running.config.mac.replace(':', '')}" in leases, leases
+        # Tart's devices: its root is virtio-blk, its console virtio-console (hvc0).
+        modules = guest.ssh("sudo lsinitramfs /boot/initrd.img-$(uname -r)")
+        assert "virtio_blk" in modules
+        assert "virtio_console" in guest.ssh(
+            "cat /lib/modules/$(uname -r)/modules.builtin /lib/modules/$(uname -r)/modules.dep"
+        )
+        assert int(guest.ssh("df --output=size -B1 / | tail -1")) > 5 << 30
+        guest.start_guest_app(5173)
+        check_behind_caddy(guest, "carol", tmp_path / "caddy")
+    finally:
+        guest.kill()
