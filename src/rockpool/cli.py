@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import platform
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from rockpool import host
 from rockpool.carrier import write_carrier
 from rockpool.errors import Conflict, ExitCode, Interrupted, InvalidInput, RockpoolError
 from rockpool.progress import Reporter
-from rockpool.runtime.base import Workspace
+from rockpool.runtime.base import Runtime, Workspace
 from rockpool.runtime.qemu_runtime import QemuRuntime
 from rockpool.spec import DEFAULT_SPEC, default_spec_path, load_spec
 from rockpool.store import Store, Version
@@ -50,13 +51,22 @@ def cmd_image_build(args: argparse.Namespace, reporter: Reporter) -> int:
 
     spec = load_spec(Path(args.spec) if args.spec else default_spec_path())
     store = Store.default()
-    result = build(
-        spec,
-        store,
-        reporter,
-        force=args.force,
-        ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
-    )
+    if args.builder == "packer":
+        from rockpool.packer import DEFAULT_BASE_VM, build_with_packer
+
+        result = build_with_packer(
+            spec, store, reporter, force=args.force, base_vm=args.packer_base or DEFAULT_BASE_VM
+        )
+    else:
+        if args.packer_base:
+            raise InvalidInput("--packer-base needs --builder packer")
+        result = build(
+            spec,
+            store,
+            reporter,
+            force=args.force,
+            ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
+        )
     _emit(args, result.to_json(), result.version.ref)
     return 0
 
@@ -109,6 +119,16 @@ def cmd_image_push(args: argparse.Namespace, reporter: Reporter) -> int:
         nvram=Path(args.nvram) if args.nvram else None,
     )
     _emit(args, {"image": version.ref, "pushed": reference}, reference)
+    return 0
+
+
+def cmd_image_install(args: argparse.Namespace, reporter: Reporter) -> int:
+    from rockpool.runtime.tart import TartRuntime
+
+    version = Store.default().resolve(args.ref)
+    with reporter.stage(f"installing {version.ref} into Tart"):
+        vm = TartRuntime(Store.default()).install_image(version)
+    _emit(args, {"image": version.ref, "runtime": "tart", "vm": vm}, vm)
     return 0
 
 
@@ -182,7 +202,33 @@ def cmd_host_setup(args: argparse.Namespace, reporter: Reporter) -> int:
 # ---- workspaces -------------------------------------------------------------------------
 
 
-def _runtime() -> QemuRuntime:
+RUNTIMES = ("qemu", "tart")
+# The image each runtime runs by default: Tart runs only arm64 guests.
+DEFAULT_IMAGES = {"qemu": "workspace", "tart": "workspace-arm64"}
+
+
+def _default_runtime() -> str:
+    chosen = os.environ.get("ROCKPOOL_RUNTIME")
+    if chosen is None:
+        return "tart" if platform.system() == "Darwin" else "qemu"
+    if chosen not in RUNTIMES:
+        raise InvalidInput(
+            f"ROCKPOOL_RUNTIME must be one of {', '.join(RUNTIMES)}, not '{chosen}'",
+            hint="unset it to use this platform's default (Tart on macOS, else QEMU)",
+        )
+    return chosen
+
+
+def _runtime(name: str | None = None) -> Runtime:
+    chosen = name or _default_runtime()
+    if chosen == "tart":
+        from rockpool.runtime.tart import TartRuntime
+
+        return TartRuntime(Store.default())
+    return QemuRuntime(Store.default())
+
+
+def _qemu_runtime() -> QemuRuntime:
     return QemuRuntime(Store.default())
 
 
@@ -201,7 +247,7 @@ def _read_keys(path: str | None) -> str | None:
 
 
 def cmd_workspace(args: argparse.Namespace, reporter: Reporter) -> int:
-    runtime = _runtime()
+    runtime = _runtime(args.runtime)
     verb = args.command
     if verb == "ls":
         workspaces = runtime.list()
@@ -216,7 +262,7 @@ def cmd_workspace(args: argparse.Namespace, reporter: Reporter) -> int:
         _emit(args, {"removed": args.name}, f"removed {args.name}")
         return 0
     if verb == "create":
-        workspace = runtime.create(args.name, args.image)
+        workspace = runtime.create(args.name, args.image or DEFAULT_IMAGES[runtime.name])
     elif verb == "start":
         with reporter.stage(f"starting {args.name}"):
             workspace = runtime.start(
@@ -243,7 +289,7 @@ def _workspaces_on(version: Version, held: dict[Path, list[str]]) -> list[str]:
 def cmd_image_rm(args: argparse.Namespace, reporter: Reporter) -> int:
     store = Store.default()
     version = store.resolve(args.ref)
-    users = _workspaces_on(version, _runtime().holders())
+    users = _workspaces_on(version, _qemu_runtime().holders())
     if users:
         raise Conflict(
             f"{version.ref} is in use by workspaces: {', '.join(users)}",
@@ -257,7 +303,7 @@ def cmd_image_rm(args: argparse.Namespace, reporter: Reporter) -> int:
 def cmd_image_gc(args: argparse.Namespace, reporter: Reporter) -> int:
     """Remove every version that is neither an image's latest nor held by a workspace."""
     store = Store.default()
-    runtime = _runtime()
+    runtime = _qemu_runtime()
     held = runtime.holders()
     removed: list[str] = []
     kept: list[dict[str, Any]] = []
@@ -318,6 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", nargs="?", help=f"default: {DEFAULT_SPEC}")
     p.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
     p.add_argument("--ca-bundle", help="CA bundle for registries (default: the host's)")
+    p.add_argument(
+        "--builder",
+        choices=["mmdebstrap", "packer"],
+        default="mmdebstrap",
+        help="mmdebstrap (Linux, default) or packer (macOS: Packer's tart-cli builder)",
+    )
+    p.add_argument(
+        "--packer-base", metavar="IMAGE", help="the Tart VM or OCI image Packer starts from"
+    )
     p.set_defaults(handler=cmd_image_build)
     p = image.add_parser("ls", parents=[json_flag], help="list stored image versions")
     p.add_argument("name", nargs="?")
@@ -358,6 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="nvram.bin for Tart's nvram layer (default on macOS: made by tart create --linux)",
     )
     p.set_defaults(handler=cmd_image_push)
+    p = image.add_parser(
+        "install", parents=[json_flag], help="make a version a local Tart VM (macOS)"
+    )
+    p.add_argument("ref", help="NAME, NAME:latest or NAME:VERSION (built with the tart format)")
+    p.add_argument(
+        "--runtime",
+        choices=["tart"],
+        required=True,
+        help="tart: tart create --linux, then the built disk and config (QEMU needs no install)",
+    )
+    p.set_defaults(handler=cmd_image_install)
     p = image.add_parser("rm", parents=[json_flag], help="remove a version no workspace uses")
     p.add_argument("ref", help="NAME:VERSION or NAME (its latest)")
     p.set_defaults(handler=cmd_image_rm)
@@ -368,12 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_image_gc)
 
-    spaces = groups.add_parser("workspace", help="workspaces on QEMU").add_subparsers(
+    spaces = groups.add_parser("workspace", help="workspaces on QEMU or Tart").add_subparsers(
         dest="command", required=True, parser_class=_Parser
     )
     p = spaces.add_parser("create", parents=[json_flag], help="create a workspace from an image")
     p.add_argument("name")
-    p.add_argument("--image", default="workspace", help="NAME[:VERSION] (default: workspace)")
+    p.add_argument(
+        "--image",
+        help="NAME[:VERSION] (default: workspace on QEMU, workspace-arm64 on Tart)",
+    )
     p = spaces.add_parser("start", parents=[json_flag], help="start a workspace")
     p.add_argument("name")
     p.add_argument("--env", action="append", default=[], metavar="ROCKPOOL_KEY=VALUE")
@@ -391,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="kill it first if it is running")
     for verb_parser in spaces.choices.values():
+        verb_parser.add_argument(
+            "--runtime",
+            choices=RUNTIMES,
+            help="qemu or tart (default: $ROCKPOOL_RUNTIME, else tart on macOS, qemu elsewhere)",
+        )
         verb_parser.set_defaults(handler=cmd_workspace)
 
     hosts = groups.add_parser("host", help="this machine's tools").add_subparsers(

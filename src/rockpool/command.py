@@ -15,6 +15,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -50,9 +51,11 @@ def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def _die_with_parent() -> None:
     # If rockpool is killed (even with SIGKILL) its children go too, so no build
-    # process outlives it.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # process outlives it. prctl is Linux's; on macOS (the Packer path) the process
+    # group alone lets run() stop a command and everything it started.
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     os.setpgrp()
 
 

@@ -12,7 +12,7 @@ import os
 import shutil
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from rockpool.bootstrap import bootstrap
 from rockpool.context import BuildContext
 from rockpool.disk import assemble_disk
 from rockpool.errors import CommandFailed, InvalidInput, RockpoolError
-from rockpool.formats import output_format
+from rockpool.formats import OutputFormat, output_format
 from rockpool.preflight import preflight
 from rockpool.progress import Reporter
 from rockpool.provision import provision
@@ -132,7 +132,9 @@ def _allocated(path: Path) -> tuple[int, int]:
     return sum(s.st_size for s in stats), sum(s.st_blocks * 512 for s in stats)
 
 
-def write_formats(ctx: BuildContext) -> None:
+def write_formats(ctx: BuildContext, backends: Mapping[str, OutputFormat] | None = None) -> None:
+    """Write the spec's formats from ctx.disk; backends replaces the standard backend of a
+    format (the Packer path's "tart" is the VM Tart built, nvram.bin included)."""
     out = ctx.outputs_dir
     out.mkdir()
     outputs: dict[str, Any] = {}
@@ -140,7 +142,8 @@ def write_formats(ctx: BuildContext) -> None:
     with ThreadPoolExecutor(max_workers=1) as pool:
         raw_digest = pool.submit(sha256_file, ctx.disk)
         for name in ctx.spec.formats:
-            written = output_format(name).write(ctx, ctx.disk, out)
+            backend = (backends or {}).get(name) or output_format(name)
+            written = backend.write(ctx, ctx.disk, out)
             outputs[name] = {"file": written.path.name}
         disk = ctx.disk.stat()
         known = {(disk.st_dev, disk.st_ino): raw_digest.result()}
@@ -170,6 +173,7 @@ def land(ctx: BuildContext, started: float) -> Version:
         "suite": ctx.spec.suite,
         "user": ctx.spec.user,
         "spec": ctx.spec.to_json(),
+        "builder": ctx.facts.get("builder", {"name": "mmdebstrap"}),
         "packages": ctx.facts.get("packages", {}),
         "kernel": ctx.facts.get("kernel"),
         "disk": ctx.facts.get("disk", {}),
@@ -180,7 +184,8 @@ def land(ctx: BuildContext, started: float) -> Version:
     return ctx.store.land(ctx.spec.name, version_id, ctx.outputs_dir, manifest)
 
 
-STAGES: list[tuple[str, Callable[[BuildContext], None]]] = [
+Stage = Callable[[BuildContext], None]
+STAGES: list[tuple[str, Stage]] = [
     ("preflight", preflight),
     ("bootstrap", bootstrap),
     ("provision", provision),
@@ -212,9 +217,25 @@ def build(
 ) -> BuildResult:
     host.require_root("building an image")
     host.require(host.BUILD_TOOLS, "building an image")
-    epoch = source_date_epoch()
     bundle = checked_ca_bundle(ca_bundle) if ca_bundle else default_ca_bundle()
-    digest = input_digest(spec)
+    return run_build(
+        spec, store, reporter, STAGES, digest=input_digest(spec), force=force, ca_bundle=bundle
+    )
+
+
+def run_build(
+    spec: ImageSpec,
+    store: Store,
+    reporter: Reporter,
+    stages: Sequence[tuple[str, Stage]],
+    *,
+    digest: str,
+    force: bool,
+    ca_bundle: Path | None = None,
+) -> BuildResult:
+    """Reuse the version built from the same inputs, or run the stages in a staging
+    directory, each timed and logged, and land what they wrote in the store."""
+    epoch = source_date_epoch()
     store.repair_latest(spec.name)
     if not force:
         existing = store.find_by_input(spec.name, digest)
@@ -237,10 +258,10 @@ def build(
                 input_digest=digest,
                 source_date_epoch=epoch,
                 log_path=log_path,
-                ca_bundle=bundle,
+                ca_bundle=ca_bundle,
             )
             log.info("building %s from %s (input %s) in %s", spec.name, spec.path, digest, work)
-            for name, stage in STAGES:
+            for name, stage in stages:
                 with ctx.stage(name):
                     stage(ctx)
             with ctx.stage("store"):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rockpool.command import CLEAN_PATH, PROXY_VARIABLES, clean_environment, contained, run
 from rockpool.context import BuildContext
+from rockpool.spec import ImageSpec
 
 BUILD_RUN = "/run/rockpool-build"
 # Runs on the host, inside the private namespaces, with the root as $1.
@@ -52,19 +53,20 @@ def _ca_variables(ca_in_root: str) -> dict[str, str]:
     }
 
 
-def setup_environment(ctx: BuildContext) -> dict[str, str]:
-    """What setup.sh sees: the spec's settings, plus registry access for this run only."""
-    spec = ctx.spec
-    env = {
-        "PATH": CLEAN_PATH,
-        "HOME": "/root",
-        "LANG": "C.UTF-8",
+def setup_variables(spec: ImageSpec) -> dict[str, str]:
+    """The spec's settings as setup.sh reads them, whichever builder runs it."""
+    return {
         "SETUP_USER": spec.user,
         "SETUP_NODE_MAJOR": str(spec.node_major),
         "SETUP_CODE_SERVER_VERSION": spec.code_server_version,
         "SETUP_PACKAGES": " ".join(spec.packages),
         "SETUP_NPM_REGISTRY": spec.npm_registry,
     }
+
+
+def setup_environment(ctx: BuildContext) -> dict[str, str]:
+    """What setup.sh sees in the root: its settings, plus registry access for this run only."""
+    env = {"PATH": CLEAN_PATH, "HOME": "/root", "LANG": "C.UTF-8", **setup_variables(ctx.spec)}
     if ctx.ca_bundle is not None:
         env.update(_ca_variables(f"{BUILD_RUN}/ca.pem"))
     env.update({name: os.environ[name] for name in PROXY_VARIABLES if name in os.environ})

@@ -86,8 +86,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def _mounts_below(path: Path) -> list[str]:
     prefix = str(path.resolve()) + "/"
-    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
-        points = [line.split()[4] for line in handle]
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+            points = [line.split()[4] for line in handle]
+    except FileNotFoundError:  # macOS: no /proc, and the Packer path mounts nothing
+        return []
     return [p for p in points if p.startswith(prefix)]
 
 

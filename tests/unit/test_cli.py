@@ -121,3 +121,34 @@ def test_bad_environment_values_are_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "--ca-bundle" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "images").exists()
+
+
+def test_tart_requests_fail_clearly_on_linux(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tart output for amd64, a missing tart, a name Tart cannot have, a bad runtime."""
+    home = tmp_path / "store"
+    spec = tmp_path / "amd64-tart.toml"
+    spec.write_text(
+        f'extends = "{REPO / "images/workspace.toml"}"\n'
+        '[image]\nname = "x"\narchitecture = "amd64"\nformats = ["tart-oci"]\n'
+    )
+    result = rockpool("spec", "check", str(spec), home=home)
+    assert result.returncode == 2 and "image.formats" in result.stderr
+    assert "arm64" in result.stderr and "Traceback" not in result.stderr
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no tart here
+    result = rockpool("workspace", "ls", "--runtime", "tart", home=home)
+    assert result.returncode == 4, result.stderr
+    assert "tart" in result.stderr and "brew install cirruslabs/cli/tart" in result.stderr
+
+    result = rockpool("workspace", "create", "rockpool-x", "--runtime", "tart", home=home)
+    assert result.returncode == 2 and "rockpool-" in result.stderr
+
+    monkeypatch.setenv("ROCKPOOL_RUNTIME", "vmware")
+    result = rockpool("workspace", "ls", home=home)
+    assert result.returncode == 2 and "ROCKPOOL_RUNTIME" in result.stderr
+
+    result = rockpool("image", "install", "nothing-here", "--runtime", "tart", home=home)
+    assert result.returncode == 3 and "nothing-here" in result.stderr
+    assert not (home / "images").exists() or not any((home / "images").iterdir())

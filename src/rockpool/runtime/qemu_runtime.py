@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import datetime as dt
-import fcntl
 import json
 import logging
 import os
@@ -24,16 +22,26 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from rockpool.carrier import validate_env, write_carrier
 from rockpool.command import run
-from rockpool.errors import Conflict, InvalidInput, NotFound
+from rockpool.errors import Conflict
 from rockpool.names import check_slug
-from rockpool.runtime.base import Endpoint, Runtime, State, Workspace
+from rockpool.runtime.base import (
+    RECORD,
+    Endpoint,
+    Runtime,
+    State,
+    Workspace,
+    locked_workspace,
+    read_record,
+    record_names,
+    utc_now,
+    workspace_dir,
+    write_config_disk,
+)
 from rockpool.runtime.qemu import QemuVM, VMConfig, create_overlay, free_port, random_mac
 from rockpool.store import Store, write_json_atomic
 
 log = logging.getLogger("rockpool.workspaces")
-RECORD = "workspace.json"
 MIB = 1 << 20
 
 
@@ -48,28 +56,13 @@ class QemuRuntime(Runtime):
     # ---- records and locks --------------------------------------------------------------
 
     def _dir(self, name: str) -> Path:
-        return self.root / check_slug(name, "workspace name")
+        return workspace_dir(self.root, name)
 
     def _record(self, name: str) -> dict[str, Any]:
-        path = self._dir(name) / RECORD
-        try:
-            record: dict[str, Any] = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise NotFound(
-                f"no workspace named '{name}'", hint="list them with: rockpool workspace ls"
-            ) from None
-        except ValueError as exc:
-            raise Conflict(f"workspace '{name}' has a damaged record ({path}): {exc}") from None
-        return record
+        return read_record(self.root, name)
 
-    @contextlib.contextmanager
-    def _locked(self, name: str) -> Iterator[Path]:
-        directory = self._dir(name)
-        if not (directory / RECORD).is_file():
-            self._record(name)  # raises NotFound
-        with open(directory / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield directory
+    def _locked(self, name: str) -> contextlib.AbstractContextManager[Path]:
+        return locked_workspace(self.root, name)
 
     def _vm(self, name: str, record: dict[str, Any] | None = None) -> QemuVM:
         record = record or self._record(name)
@@ -134,7 +127,7 @@ class QemuRuntime(Runtime):
             "memory_mib": manifest.get("spec", {}).get("memory", 4 << 30) // MIB,
             "mac": random_mac(),
             "instance_id": uuid.uuid4().hex,
-            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "created": utc_now(),
         }
         with self._new_directory(name) as directory:
             # A qcow2 overlay: the same O(1) cost for a 1 GB or a 20 GB image.
@@ -167,21 +160,7 @@ class QemuRuntime(Runtime):
             if vm.alive():
                 log.info("workspace %s is running already", name)
                 return self._workspace(name, record)
-            variables = dict(env or {})
-            given = variables.pop("ROCKPOOL_WORKSPACE_NAME", name)
-            if given != name:
-                raise InvalidInput(
-                    f"ROCKPOOL_WORKSPACE_NAME is the workspace's name ('{name}'), not '{given}'"
-                )
-            variables.update(
-                {"ROCKPOOL_WORKSPACE_NAME": name, "ROCKPOOL_INSTANCE_ID": record["instance_id"]}
-            )
-            validate_env(variables)
-            keys_file = directory / "authorized_keys"
-            if authorized_keys is not None:
-                keys_file.write_text(authorized_keys)
-            keys = keys_file.read_text() if keys_file.is_file() else None
-            write_carrier(directory / "config.img", variables, keys)
+            write_config_disk(directory, name, record["instance_id"], env, authorized_keys)
             record["forwards"] = {"8080": free_port(), "22": free_port()}
             write_json_atomic(directory / RECORD, record)
             self._vm(name, record).start()
@@ -235,7 +214,7 @@ class QemuRuntime(Runtime):
                 "mac": random_mac(),
                 "instance_id": uuid.uuid4().hex,
                 "cloned_from": source,
-                "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "created": utc_now(),
             }
             clone_record.pop("forwards", None)
             with self._new_directory(new_name) as directory:
@@ -263,14 +242,7 @@ class QemuRuntime(Runtime):
         self.remove_unused_layers()
 
     def list(self) -> list[Workspace]:
-        if not self.root.is_dir():
-            return []
-        names = sorted(
-            p.name
-            for p in self.root.iterdir()
-            if not p.name.startswith(".") and (p / RECORD).is_file()
-        )
-        return [self.status(name) for name in names]
+        return [self.status(name) for name in record_names(self.root)]
 
     # ---- what workspaces hold -----------------------------------------------------------
 

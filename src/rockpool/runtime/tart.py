@@ -1,0 +1,628 @@
+"""Workspaces on Tart (macOS on Apple silicon): one local Tart VM per workspace.
+
+    $TART_HOME/vms/rockpool-IMAGE-VERSION/     an image version, installed once (install_image)
+    $TART_HOME/vms/NAME/                       workspace NAME: a `tart clone` of that VM
+    STORE/tart/workspaces/NAME/workspace.json  image NAME:VERSION, created, cloned_from,
+                                               instance id
+    STORE/tart/workspaces/NAME/{config.img,authorized_keys,tart-run.log}
+
+Tart keeps the VMs, rockpool keeps which of them are workspaces: a Tart VM is a workspace
+only if it has a record here. State is never stored: it comes from `tart list` (running
+means a `tart run` process holds the lock on the VM's config.json), so a crash cannot
+leave a stale "running". Every tart command goes through command.run, and the VM itself
+through command.spawn, with $TART_HOME and Tart's other TART_* settings passed on.
+
+A clone is a new machine: its record gets a new ROCKPOOL_INSTANCE_ID, which start()
+writes to the config disk. At boot, before systemd starts, the image's initramfs hook
+(rockpool-identity, written by images/scripts/setup.sh) compares it with the id in
+/var/lib/rockpool/instance-id on the root disk; when they differ it removes the SSH host
+keys, systemd's random seed and D-Bus's machine-id, empties /etc/machine-id and records
+the new id, so systemd makes a new machine-id and rockpool-hostkeys.service new host
+keys. `tart clone` also gives the clone a new MAC address: its own DHCP lease and IP.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from rockpool.command import CLEAN_PATH, STDERR_TAIL_LINES, clean_environment, run, spawn
+from rockpool.errors import (
+    CommandFailed,
+    Conflict,
+    ExitCode,
+    InvalidInput,
+    MissingTool,
+    NotFound,
+    RockpoolError,
+)
+from rockpool.names import check_slug
+from rockpool.runtime.base import (
+    AUTHORIZED_KEYS,
+    RECORD,
+    Endpoint,
+    Runtime,
+    State,
+    Workspace,
+    locked_workspace,
+    read_record,
+    record_names,
+    utc_now,
+    workspace_dir,
+    write_config_disk,
+)
+from rockpool.store import Store, Version, write_json_atomic
+
+log = logging.getLogger("rockpool.workspaces")
+
+INSTALL_HINT = "install Tart on macOS: brew install cirruslabs/cli/tart"
+BUILD_HINT = (
+    "build the arm64 spec images/workspace-arm64.toml, which writes the tart format: "
+    "rockpool image build images/workspace-arm64.toml"
+)
+TART_OUTPUT = "tart"
+CONFIG = "config.json"
+DISK = "disk.img"
+NVRAM = "nvram.bin"
+RUN_LOG = "tart-run.log"
+# Installed images are Tart VMs named rockpool-IMAGE-VERSION, and installs in progress
+# rockpool-tmp-*; workspace names may not start with the prefix.
+RESERVED_PREFIX = "rockpool-"
+TMP_PREFIX = "rockpool-tmp-"
+CODE_SERVER_PORT = 8080
+SSH_PORT = 22
+IP_POLL_SECONDS = 1  # `tart ip --wait` takes whole seconds
+STATE_POLL_SECONDS = 0.25
+
+# Tart's own messages (Sources/tart/VMStorageHelper.swift, RuntimeError.description).
+_DOES_NOT_EXIST = re.compile(r'the specified VM "([^"]*)" does not exist')  # exit 2
+_NOT_RUNNING = re.compile(r'VM "([^"]*)" is not running')  # stop; exit 2
+_RUNNING = re.compile(r'VM "([^"]*)" is (?:already )?running')  # run: 2, delete: 1
+_NO_IP = "no IP address found"  # tart ip; exit 1
+
+
+class TartVMError(RockpoolError):
+    """Tart ran, but the VM is not usable: `tart run` died, or the guest has no IP yet."""
+
+    exit_code = ExitCode.COMMAND_FAILED
+
+
+class _NotRunning(Conflict):
+    """`tart stop` of a VM that is not running (it stopped by itself meanwhile)."""
+
+
+def tart_home() -> Path:
+    custom = os.environ.get("TART_HOME")
+    return Path(custom) if custom else Path.home() / ".tart"
+
+
+def check_name(name: str) -> str:
+    """A workspace's name is its Tart VM's name.
+
+    The slug rule keeps out every name Tart would not read as a plain local VM: a '/'
+    makes it a remote OCI name (HOST/NAMESPACE[:TAG|@DIGEST]) and `tart clone`/`rename`
+    reject it for a new VM; '.', '..' and other path tricks cannot be slugs either.
+    """
+    check_slug(name, "workspace name")
+    if name.startswith(RESERVED_PREFIX):
+        raise InvalidInput(
+            f"invalid workspace name '{name}': names starting with '{RESERVED_PREFIX}' are "
+            "kept for the Tart VMs of installed images"
+        )
+    return name
+
+
+def image_vm_name(version: Version) -> str:
+    # Image names are slugs and version ids 12 hex digits: always a valid local Tart name.
+    return f"{RESERVED_PREFIX}{version.name}-{version.id}"
+
+
+def tart_bundle(version: Version) -> Path:
+    """The version's tart output: a directory with Tart's config.json and disk.img."""
+    architecture = version.manifest.get("architecture") or "an unknown architecture"
+    if architecture != "arm64":
+        raise InvalidInput(
+            f"{version.ref} is built for {architecture}; Tart runs arm64 guests only",
+            hint=BUILD_HINT,
+        )
+    if TART_OUTPUT not in version.manifest.get("outputs", {}):
+        raise InvalidInput(f"{version.ref} has no tart output", hint=BUILD_HINT)
+    bundle = version.output_path(TART_OUTPUT)
+    missing = [f for f in (CONFIG, DISK) if not (bundle / f).is_file()]
+    if missing:
+        raise InvalidInput(
+            f"the tart output of {version.ref} ({bundle}) lacks {' and '.join(missing)}",
+            hint=BUILD_HINT,
+        )
+    return bundle
+
+
+def copy_disk(source: Path, target: Path) -> None:
+    """Copy-on-write where the filesystem can (APFS clonefile, btrfs/XFS reflinks): an
+    image's disk then costs no space or time until a VM writes to it."""
+    if sys.platform == "darwin":
+        try:
+            run(["cp", "-c", source, target])
+            return
+        except CommandFailed:  # no clonefile(2) here (another volume, not APFS)
+            target.unlink(missing_ok=True)
+        run(["cp", source, target])
+    else:
+        run(["cp", "--reflink=auto", "--sparse=always", source, target])
+
+
+def _exit_status(pid: int) -> tuple[bool, int | None]:
+    """(exited, exit status if known) of a child this process spawned."""
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        # Reaped already (subprocess reaps children it lost track of): see if it lives.
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True, None
+        except PermissionError:
+            pass
+        return False, None
+    if done == 0:
+        return False, None
+    return True, os.waitstatus_to_exitcode(status)
+
+
+def _tail(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            text = handle.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-STDERR_TAIL_LINES:])
+
+
+def _running(entry: Mapping[str, Any] | None) -> bool:
+    return entry is not None and entry.get("State") == "running"
+
+
+# ---- tart itself ----------------------------------------------------------------------------
+
+
+def tart_executable() -> str:
+    """The absolute path of the caller's `tart`; MissingTool where there is none."""
+    found = shutil.which("tart")
+    if found is None:
+        where = "" if sys.platform == "darwin" else " (Tart runs on macOS only)"
+        raise MissingTool(
+            f"the Tart runtime needs the 'tart' command, which is not on PATH{where}",
+            hint=INSTALL_HINT,
+        )
+    return os.path.abspath(found)
+
+
+def tart_env(executable: str) -> dict[str, str]:
+    # clean_environment() resets PATH: keep tart's own directory first (Homebrew's bin is
+    # not in the clean PATH, and tart finds helpers such as softnet on PATH) and Tart's
+    # settings: TART_HOME, TART_NO_AUTO_PRUNE and the like.
+    extra = {key: value for key, value in os.environ.items() if key.startswith("TART_")}
+    extra["PATH"] = f"{os.path.dirname(executable)}:{CLEAN_PATH}"
+    return clean_environment(extra)
+
+
+def run_tart(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`tart ARGS` through command.run; Tart's failures become NotFound or Conflict where
+    they mean that, else CommandFailed with Tart's stderr."""
+    executable = tart_executable()
+    result = run([executable, *args], env=tart_env(executable), capture=True, check=False)
+    if check and result.returncode != 0:
+        raise tart_error(CommandFailed(list(result.args), result.returncode, result.stderr))
+    return result
+
+
+def tart_error(failure: CommandFailed) -> RockpoolError:
+    text = failure.stderr_tail
+    if found := _DOES_NOT_EXIST.search(text):
+        return NotFound(
+            f"Tart has no VM named '{found[1]}'", hint="list Tart's VMs with: tart list"
+        )
+    if found := _NOT_RUNNING.search(text):
+        return _NotRunning(f"Tart VM '{found[1]}' is not running")
+    if found := _RUNNING.search(text):
+        return Conflict(f"Tart VM '{found[1]}' is running")
+    return failure
+
+
+def local_vms() -> dict[str, dict[str, Any]]:
+    """Tart's local VMs by name, from `tart list --format json --source local`."""
+    output = run_tart("list", "--format", "json", "--source", "local").stdout
+    try:
+        entries = json.loads(output or "[]")
+    except ValueError as exc:
+        raise RockpoolError(
+            f"`tart list --format json` printed something that is not JSON ({exc})",
+            hint="check the tart on PATH: tart --version",
+        ) from None
+    return {str(entry["Name"]): entry for entry in entries}
+
+
+def vm_ip(name: str, wait: int = 0) -> str | None:
+    """`tart ip NAME --wait N`: the address DHCP gave the VM's MAC, or None."""
+    result = run_tart("ip", name, "--wait", str(wait), check=False)
+    address = result.stdout.strip()
+    if result.returncode == 0 and address:
+        return address.splitlines()[-1]
+    if _NO_IP in result.stderr:
+        return None
+    raise tart_error(CommandFailed(list(result.args), result.returncode, result.stderr))
+
+
+def vm_dir(vm: str) -> Path:
+    return tart_home() / "vms" / vm
+
+
+@contextlib.contextmanager
+def install_lock() -> Iterator[None]:
+    """Held while rockpool has temporary VMs (rockpool-tmp-*) in Tart. In TART_HOME, not
+    the store: every rockpool using this Tart takes turns."""
+    home = tart_home()
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".rockpool-install.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
+def scratch_vm(*, keep: bool) -> Iterator[tuple[str, Path]]:
+    """`tart create --linux rockpool-tmp-RANDOM`: (its name, its directory). It is deleted
+    when the body fails, and also after it unless keep (the body renames it). Hold
+    install_lock() around it."""
+    name = f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}"
+    run_tart("create", "--linux", name)
+    kept = False
+    try:
+        yield name, vm_dir(name)
+        kept = keep
+    finally:
+        if not kept:
+            with contextlib.suppress(RockpoolError):
+                run_tart("delete", name)
+
+
+def fresh_nvram() -> bytes:
+    """A new EFI variable store (nvram.bin) from `tart create --linux`: an Apple
+    VZEFIVariableStore, which only macOS can make. For the nvram layer `tart pull` needs."""
+    with install_lock(), scratch_vm(keep=False) as (_, directory):
+        return (directory / NVRAM).read_bytes()
+
+
+class TartRuntime(Runtime):
+    name = "tart"
+
+    def __init__(self, store: Store, *, ip_timeout: float = 120.0) -> None:
+        self.store = store
+        self.root = store.root / "tart" / "workspaces"
+        self.ip_timeout = ip_timeout  # how long start() waits for the guest's IP
+
+    # ---- images ---------------------------------------------------------------------------
+
+    def install_image(self, version: Version) -> str:
+        """Make an image version a local Tart VM; returns its name, rockpool-IMAGE-VERSION.
+
+        Idempotent. `tart create --linux` makes a VM with a genuine nvram.bin (an EFI
+        variable store only macOS can create); its disk.img and config.json are then
+        replaced by the image's, keeping the MAC address Tart generated so installs never
+        share one. It is filled under a temporary name and renamed only when whole, so an
+        interruption never leaves a half-installed VM under the final name.
+        """
+        bundle = tart_bundle(version)
+        vm = image_vm_name(version)
+        with install_lock():
+            vms = local_vms()
+            if vm in vms:
+                return vm
+            self._remove_abandoned_installs(vms)
+            with scratch_vm(keep=True) as (tmp, directory):
+                mac = json.loads((directory / CONFIG).read_text()).get("macAddress")
+                if not isinstance(mac, str):
+                    raise RockpoolError(f"`tart create` wrote no macAddress to {directory}")
+                config = json.loads((bundle / CONFIG).read_text())
+                config["macAddress"] = mac
+                staged = directory / f".{DISK}.rockpool"
+                copy_disk(bundle / DISK, staged)
+                os.replace(staged, directory / DISK)
+                write_json_atomic(directory / CONFIG, config)
+                run_tart("rename", tmp, vm)
+        log.info("installed %s as the Tart VM %s", version.ref, vm)
+        return vm
+
+    def _remove_abandoned_installs(self, vms: Mapping[str, Mapping[str, Any]]) -> None:
+        """Temporary VMs of installs that were killed (the install lock is held here)."""
+        for vm, entry in vms.items():
+            if vm.startswith(TMP_PREFIX) and not _running(entry):
+                log.info("removing %s, left by an interrupted image install", vm)
+                with contextlib.suppress(RockpoolError):
+                    run_tart("delete", vm)
+
+    # ---- records --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _claimed(self, name: str) -> Iterator[Path]:
+        """Claim a new workspace's directory before its Tart VM exists, holding its lock.
+
+        `tart clone` silently replaces a VM that has the new name, so of two concurrent
+        creates of one name exactly one may get as far as cloning. The directory appears
+        with its lock already held; if the body fails, it is removed again.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        directory = workspace_dir(self.root, name)
+        self._remove_stale_claim(directory)
+        staging = self.root / f".new-{name}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        with open(staging / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                os.rename(staging, directory)  # fails if it exists (it holds a .lock)
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise Conflict(f"a workspace named '{name}' exists already") from None
+            try:
+                yield directory
+            except BaseException:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+
+    @staticmethod
+    def _remove_stale_claim(directory: Path) -> None:
+        """A directory with no record whose lock nobody holds: its create was killed."""
+        if not directory.is_dir() or (directory / RECORD).exists():
+            return
+        with open(directory / ".lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # a create is under way
+            if not (directory / RECORD).exists():  # that create may have just finished
+                shutil.rmtree(directory, ignore_errors=True)
+
+    def _workspace(
+        self,
+        name: str,
+        record: Mapping[str, Any],
+        entry: Mapping[str, Any] | None,
+        address: str | None = None,
+    ) -> Workspace:
+        running = _running(entry)
+        if running and address is None:
+            try:
+                address = vm_ip(name)
+            except CommandFailed as exc:  # one VM's trouble must not hide the others
+                log.warning("tart ip %s failed: %s", name, exc)
+        endpoint = Endpoint(address, CODE_SERVER_PORT, SSH_PORT) if address else None
+        return Workspace(
+            name=name,
+            runtime=self.name,
+            image=record["image"],
+            state=State.RUNNING if running else State.STOPPED,
+            created=record["created"],
+            cloned_from=record.get("cloned_from"),
+            endpoint=endpoint,
+            details={
+                "tart_vm": name,
+                "tart_state": entry.get("State") if entry is not None else "missing",
+                "image_vm": record.get("image_vm"),
+                "ip": address,
+                "run_log": str(workspace_dir(self.root, name) / RUN_LOG),
+            },
+        )
+
+    def _existing_vm(self, name: str) -> dict[str, Any]:
+        entry = local_vms().get(name)
+        if entry is None:
+            raise NotFound(
+                f"workspace '{name}' has no Tart VM any more (deleted outside rockpool?)",
+                hint=f"remove the workspace: rockpool workspace rm {name}",
+            )
+        return entry
+
+    def _refuse_foreign_vm(self, name: str) -> None:
+        if name in local_vms():
+            raise Conflict(
+                f"Tart has a VM named '{name}' that is not a rockpool workspace",
+                hint=f"choose another name, or delete that VM: tart delete {name}",
+            )
+
+    # ---- the interface --------------------------------------------------------------------
+
+    def create(self, name: str, image_ref: str) -> Workspace:
+        check_name(name)
+        version = self.store.resolve(image_ref)
+        tart_bundle(version)
+        with self._claimed(name) as directory:
+            self._refuse_foreign_vm(name)
+            image_vm = self.install_image(version)
+            record: dict[str, Any] = {
+                "name": name,
+                "runtime": self.name,
+                "image": version.ref,
+                "image_vm": image_vm,
+                "architecture": version.manifest["architecture"],
+                "instance_id": uuid.uuid4().hex,
+                "cloned_from": None,
+                "created": utc_now(),
+            }
+            with self._deleted_on_failure(name):
+                run_tart("clone", image_vm, name)  # APFS copy-on-write: O(1)
+                write_json_atomic(directory / RECORD, record)
+        return self._workspace(name, record, local_vms().get(name))
+
+    @contextlib.contextmanager
+    def _deleted_on_failure(self, vm: str) -> Iterator[None]:
+        """A cloned VM becomes a workspace with its record; without one it goes again."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(RockpoolError):
+                run_tart("delete", vm)
+            raise
+
+    def start(
+        self, name: str, env: Mapping[str, str] | None = None, authorized_keys: str | None = None
+    ) -> Workspace:
+        """Boot the workspace and wait until the guest has an IP address (its DHCP lease).
+
+        A running workspace is left as it is. Returns with the endpoint set; poll
+        `GET {endpoint.url}healthz` for code-server's readiness.
+        """
+        with locked_workspace(self.root, name) as directory:
+            record = read_record(self.root, name)
+            entry = self._existing_vm(name)
+            if _running(entry):
+                log.info("workspace %s is running already", name)
+                return self._workspace(name, record, entry)
+            carrier = write_config_disk(
+                directory, name, record["instance_id"], env, authorized_keys
+            )
+            run_log = directory / RUN_LOG
+            offset = run_log.stat().st_size if run_log.exists() else 0
+            tart = tart_executable()
+            argv = [tart, "run", name, "--no-graphics", "--disk", f"{carrier}:ro"]
+            pid = spawn(argv, log_path=run_log, env=tart_env(tart))
+            entry, address = self._wait_for_ip(name, pid, run_log, offset)
+            return self._workspace(name, record, entry, address)
+
+    def _wait_for_ip(
+        self, name: str, pid: int, run_log: Path, offset: int
+    ) -> tuple[dict[str, Any], str]:
+        """Until `tart ip` answers. `tart run` dying, or the VM stopping, ends the wait."""
+        deadline = time.monotonic() + self.ip_timeout
+        seen_running = False
+        while True:
+            exited, status = _exit_status(pid)
+            entry = local_vms().get(name)
+            running = _running(entry)
+            if exited or (seen_running and not running):
+                how = f" (exit status {status})" if status is not None else ""
+                tail = _tail(run_log, offset)
+                shown = "\n".join("    " + line for line in tail.splitlines())
+                raise TartVMError(
+                    f"workspace '{name}': `tart run` stopped right after it started{how}"
+                    + (f"\n  last output:\n{shown}" if shown else ""),
+                    hint=f"the whole log is {run_log}",
+                )
+            if running and entry is not None:
+                seen_running = True
+                # Only once the VM runs: a lease from its last run would answer at once.
+                address = vm_ip(name, wait=IP_POLL_SECONDS)
+                if address:
+                    return entry, address
+            if time.monotonic() >= deadline:
+                raise self._no_ip(name, running)
+            if not running:
+                time.sleep(STATE_POLL_SECONDS)
+
+    def _no_ip(self, name: str, running: bool = True) -> TartVMError:
+        if not running:
+            return TartVMError(
+                f"workspace '{name}': `tart run` has not started the VM after "
+                f"{self.ip_timeout:.0f} s",
+                hint=f"see {workspace_dir(self.root, name) / RUN_LOG}",
+            )
+        return TartVMError(
+            f"workspace '{name}' is running but has no IP address yet (`tart ip` finds "
+            "no DHCP lease for its MAC address)",
+            hint="the guest must send a MAC-based DHCP client id (Rockpool images do) for "
+            f"tart ip to find it; retry: rockpool workspace status {name}",
+        )
+
+    def stop(self, name: str, timeout: float = 90.0) -> Workspace:
+        """`tart stop`: Tart stops the VM at once (Virtualization.framework's stop(), not a
+        guest shutdown) and waits up to timeout for `tart run` to exit, then kills it."""
+        with locked_workspace(self.root, name):
+            record = read_record(self.root, name)
+            if _running(local_vms().get(name)):
+                self._stop_vm(name, timeout)
+                log.info("stopped %s", name)
+            return self._workspace(name, record, local_vms().get(name))
+
+    def _stop_vm(self, name: str, timeout: float) -> None:
+        with contextlib.suppress(_NotRunning):  # it stopped by itself meanwhile
+            run_tart("stop", name, "--timeout", str(math.ceil(max(timeout, 0.0))))
+
+    def status(self, name: str) -> Workspace:
+        record = read_record(self.root, name)
+        return self._workspace(name, record, local_vms().get(name))
+
+    def endpoint(self, name: str) -> Endpoint:
+        workspace = self.status(name)
+        if workspace.state != State.RUNNING:
+            raise Conflict(
+                f"workspace '{name}' is not running",
+                hint=f"start it with: rockpool workspace start {name}",
+            )
+        if workspace.endpoint is None:
+            raise self._no_ip(name)
+        return workspace.endpoint
+
+    def clone(self, source: str, new_name: str) -> Workspace:
+        """`tart clone` (copy-on-write) plus a record with a new instance id: the clone
+        makes its own SSH host keys and machine-id at its first boot."""
+        check_name(new_name)
+        with locked_workspace(self.root, source) as source_dir:
+            record = read_record(self.root, source)
+            if _running(self._existing_vm(source)):
+                raise Conflict(
+                    f"workspace '{source}' is running; a clone of a running disk would not "
+                    "be consistent",
+                    hint=f"stop it first: rockpool workspace stop {source}",
+                )
+            with self._claimed(new_name) as directory:
+                self._refuse_foreign_vm(new_name)
+                clone_record = {
+                    **record,
+                    "name": new_name,
+                    "instance_id": uuid.uuid4().hex,
+                    "cloned_from": source,
+                    "created": utc_now(),
+                }
+                with self._deleted_on_failure(new_name):
+                    run_tart("clone", source, new_name)  # with a new MAC address
+                    if (source_dir / AUTHORIZED_KEYS).is_file():
+                        shutil.copyfile(source_dir / AUTHORIZED_KEYS, directory / AUTHORIZED_KEYS)
+                    write_json_atomic(directory / RECORD, clone_record)
+        return self._workspace(new_name, clone_record, local_vms().get(new_name))
+
+    def remove(self, name: str, force: bool = False) -> None:
+        with locked_workspace(self.root, name) as directory:
+            entry = local_vms().get(name)
+            if _running(entry):
+                if not force:
+                    raise Conflict(
+                        f"workspace '{name}' is running",
+                        hint=f"stop it first, or: rockpool workspace rm --force {name}",
+                    )
+                self._stop_vm(name, 30.0)
+            if entry is not None:
+                with contextlib.suppress(NotFound):
+                    run_tart("delete", name)
+            trash = self.root / f".removed-{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(directory, trash)  # gone from view at once; deleted below
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def list(self) -> builtins.list[Workspace]:
+        vms = local_vms()
+        return [
+            self._workspace(name, read_record(self.root, name), vms.get(name))
+            for name in record_names(self.root)
+        ]
