@@ -84,7 +84,11 @@ def tart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Tart]:
     monkeypatch.setenv("TART_STANDIN_LOG", str(tmp_path / "tart-calls.jsonl"))
     monkeypatch.setenv("TART_STANDIN_IP_DELAY_SECONDS", "0.1")
     monkeypatch.setenv("TART_STANDIN_MAX_RUN_SECONDS", "60")  # nothing outlives a lost test
-    for name in ("TART_STANDIN_FAIL_RUN", "TART_STANDIN_DHCP_CLIENT_ID"):
+    for name in (
+        "TART_STANDIN_FAIL_RUN",
+        "TART_STANDIN_DHCP_CLIENT_ID",
+        "TART_STANDIN_GUEST_IGNORES_STOP",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ROCKPOOL_HOME", str(tmp_path / "store"))
     world = Tart(tmp_path / "tart-home", tmp_path / "tart-calls.jsonl", Store.default())
@@ -275,8 +279,9 @@ def test_create_start_stop_remove(tart: Tart) -> None:
     assert [w.name for w in runtime.list()] == ["alice"]
     assert runtime.status("alice").state == State.RUNNING
 
+    # A clean shutdown: Tart's guest stop request (SIGUSR2 to `tart run`), no `tart stop`.
     stopped = runtime.stop("alice", timeout=5)
-    assert tart.calls()[-1] == ["stop", "alice", "--timeout", "5"]
+    assert tart.calls()[-1] == ["<SIGUSR2>", "alice"]
     assert stopped.state == State.STOPPED and stopped.endpoint is None
     with pytest.raises(Conflict, match="not running"):
         runtime.endpoint("alice")
@@ -499,3 +504,17 @@ def test_the_stand_in_says_what_it_is(tart: Tart) -> None:
     assert "rockpool stand-in, not Tart" in tart.cli("--version").stdout
     missing = tart.cli("stop", "ghost")
     assert (missing.returncode, missing.stderr) == (2, 'the specified VM "ghost" does not exist\n')
+
+
+def test_a_guest_that_ignores_the_stop_request_is_stopped_by_tart(
+    tart: Tart, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    land_version(tart.store)
+    runtime = TartRuntime(tart.store)
+    runtime.create("dave", "workspace-arm64")
+    monkeypatch.setenv("TART_STANDIN_GUEST_IGNORES_STOP", "1")
+    runtime.start("dave")
+    stopped = runtime.stop("dave", timeout=1)
+    assert tart.calls()[-2:] == [["<SIGUSR2>", "dave"], ["stop", "dave", "--timeout", "10"]]
+    assert stopped.state == State.STOPPED
+    assert tart.vms()["dave"]["State"] == "stopped"

@@ -32,6 +32,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import struct
 import subprocess
 import sys
 import time
@@ -87,6 +89,7 @@ CODE_SERVER_PORT = 8080
 SSH_PORT = 22
 IP_POLL_SECONDS = 1  # `tart ip --wait` takes whole seconds
 STATE_POLL_SECONDS = 0.25
+STOP_GRACE_SECONDS = 10.0  # `tart stop`'s wait before it kills a VM that ignored the request
 
 # Tart's own messages (Sources/tart/VMStorageHelper.swift, RuntimeError.description).
 _DOES_NOT_EXIST = re.compile(r'the specified VM "([^"]*)" does not exist')  # exit 2
@@ -270,6 +273,31 @@ def vm_ip(name: str, wait: int = 0) -> str | None:
 
 def vm_dir(vm: str) -> Path:
     return tart_home() / "vms" / vm
+
+
+# Tart marks a running VM with an fcntl write lock on its config.json, held by `tart run`
+# (PIDLock.swift); F_GETLK names the holder. struct flock differs between the platforms.
+if sys.platform == "darwin":
+    _FLOCK = "qqihh"  # l_start, l_len, l_pid, l_type, l_whence
+    _FLOCK_QUERY = struct.pack(_FLOCK, 0, 0, 0, fcntl.F_RDLCK, os.SEEK_SET)
+    _FLOCK_PID = 2
+else:
+    _FLOCK = "hhqqi4x"  # l_type, l_whence, l_start, l_len, l_pid
+    _FLOCK_QUERY = struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0)
+    _FLOCK_PID = 4
+
+
+def run_lock_holder(directory: Path) -> int:
+    """The pid of the `tart run` that holds the VM in directory, or 0."""
+    try:
+        fd = os.open(directory / CONFIG, os.O_RDWR)
+    except OSError:
+        return 0
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, _FLOCK_QUERY)
+    finally:
+        os.close(fd)
+    return int(struct.unpack(_FLOCK, answer)[_FLOCK_PID])
 
 
 @contextlib.contextmanager
@@ -547,14 +575,37 @@ class TartRuntime(Runtime):
         )
 
     def stop(self, name: str, timeout: float = 90.0) -> Workspace:
-        """`tart stop`: Tart stops the VM at once (Virtualization.framework's stop(), not a
-        guest shutdown) and waits up to timeout for `tart run` to exit, then kills it."""
+        """Shut the guest down cleanly, then make sure.
+
+        `tart stop` alone pulls the plug (SIGINT makes `tart run` call the Virtualization
+        framework's stop()), losing what the guest has not written yet. So first the
+        power button, as Tart does on SIGUSR2 (requestStop()); `tart stop` only if the
+        guest is still up after timeout.
+        """
         with locked_workspace(self.root, name):
             record = read_record(self.root, name)
             if _running(local_vms().get(name)):
-                self._stop_vm(name, timeout)
+                if not self._request_guest_stop(name, timeout):
+                    self._stop_vm(name, STOP_GRACE_SECONDS)
                 log.info("stopped %s", name)
             return self._workspace(name, record, local_vms().get(name))
+
+    def _request_guest_stop(self, name: str, timeout: float) -> bool:
+        """SIGUSR2 to the `tart run` that holds the VM; True once the VM has stopped."""
+        pid = run_lock_holder(vm_dir(name))
+        if pid == 0:
+            return True
+        try:
+            os.kill(pid, signal.SIGUSR2)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + timeout
+        while run_lock_holder(vm_dir(name)) != 0:
+            if time.monotonic() >= deadline:
+                log.warning("%s did not power off within %.0f s; stopping it", name, timeout)
+                return False
+            time.sleep(STATE_POLL_SECONDS)
+        return True
 
     def _stop_vm(self, name: str, timeout: float) -> None:
         with contextlib.suppress(_NotRunning):  # it stopped by itself meanwhile
