@@ -181,5 +181,7 @@ def test_arm64_boots_with_aavmf_and_serves_code_server(
         assert int(guest.ssh("df --output=size -B1 / | tail -1")) > 5 << 30
         guest.start_guest_app(5173)
         check_behind_caddy(guest, "carol", tmp_path / "caddy")
+        # The power button (Tart's requestStop, QEMU's system_powerdown) powers it off.
+        assert guest.stop(), "the arm64 guest did not power off on the power button"
     finally:
         guest.kill()
