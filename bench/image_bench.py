@@ -32,11 +32,11 @@ SPEC = REPO / "images" / "workspace.toml"
 IDLE_SETTLE_SECONDS = 60
 
 
-def rockpool_build(store: Path, *extra: str) -> tuple[float, dict[str, Any]]:
+def rockpool_build(store: Path, *extra: str, spec: Path = SPEC) -> tuple[float, dict[str, Any]]:
     env = {**os.environ, "ROCKPOOL_HOME": str(store)}
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "rockpool", "-q", "image", "build", str(SPEC), "--json", *extra],
+        [sys.executable, "-m", "rockpool", "-q", "image", "build", str(spec), "--json", *extra],
         env=env,
         capture_output=True,
         text=True,
@@ -78,8 +78,10 @@ def machine_note() -> str:
     )
 
 
-def boot_once(version: Version, key: Path, run_dir: Path) -> Boot:
-    guest = Guest(version, run_dir, key)
+def boot_once(
+    version: Version, key: Path, run_dir: Path, base: tuple[Path, str] | None = None
+) -> Boot:
+    guest = Guest(version, run_dir, key, base=base)
     guest.configure({"ROCKPOOL_WORKSPACE_NAME": "bench"})
     try:
         guest.start()

@@ -1,0 +1,132 @@
+"""Benchmark of the arm64 image for Apple Silicon: the cross-build, Tart's formats, a boot.
+
+    sudo .venv/bin/python -m bench.arm64_bench [--store DIR --ref NAME:VERSION]
+
+Without --store it cold-builds images/workspace-arm64.toml (on x86_64 every arm64
+program runs under qemu-user: expect an hour or more). With --store and --ref it reports
+the build recorded in that version's manifest. Either way it times the tart-oci writer
+on the version's disk and boots the disk in qemu-system-aarch64 (AAVMF, fresh NVRAM).
+Writes its results into BENCHMARKS.md between the arm64-bench markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.image_bench import boot_once, machine_note, rockpool_build
+from bench.report import write_section
+from rockpool.context import BuildContext
+from rockpool.formats import output_format
+from rockpool.progress import Reporter
+from rockpool.spec import load_spec
+from rockpool.store import Store, Version
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = REPO / "images" / "workspace-arm64.toml"
+
+
+def version_disk(version: Version) -> Path:
+    outputs = version.manifest["outputs"]
+    if "tart" in outputs:
+        return version.output_path("tart") / "disk.img"
+    return version.output_path("raw")
+
+
+def time_tart_oci(version: Version, scratch: Path) -> dict[str, Any]:
+    """The tart-oci writer alone, on the version's disk."""
+    out = scratch / "tart-oci-bench"
+    out.mkdir()
+    ctx = BuildContext(
+        spec=load_spec(SPEC),
+        store=Store(scratch / "unused-store"),
+        work=scratch,
+        reporter=Reporter(interactive=False, quiet=True),
+        input_digest=version.manifest["input_digest"],
+        source_date_epoch=int(version.manifest["source_date_epoch"]),
+        log_path=scratch / "bench.log",
+    )
+    started = time.monotonic()
+    layout = output_format("tart-oci").write(ctx, version_disk(version), out).path
+    seconds = time.monotonic() - started
+    blobs = list((layout / "blobs" / "sha256").iterdir())
+    index = json.loads((layout / "index.json").read_text())
+    digest = index["manifests"][0]["digest"].removeprefix("sha256:")
+    manifest = json.loads((layout / "blobs" / "sha256" / digest).read_text())
+    return {
+        "seconds": seconds,
+        "bytes": sum(b.stat().st_size for b in blobs),
+        "disk_layers": len(manifest["layers"]) - 1,
+        "unique_blobs": len(blobs),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--store", type=Path, help="a store holding the arm64 version")
+    parser.add_argument("--ref", help="NAME:VERSION in --store (default: a cold build)")
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="rockpool-arm64-bench-"))
+    results: dict[str, Any] = {"machine": machine_note(), "date": time.strftime("%Y-%m-%d")}
+    if args.store and args.ref:
+        version = Store(args.store).resolve(args.ref)
+        results["cold_build_measured"] = False
+    else:
+        store_dir = scratch / "store"
+        results["cold_build_s"], built = rockpool_build(store_dir, spec=SPEC)
+        version = Store(store_dir).version(str(built["name"]), str(built["version"]))
+        results["cold_build_measured"] = True
+    manifest = version.manifest
+    results["spec"] = manifest["spec"]["path"]
+    results["recorded_build_s"] = manifest["build_seconds"]
+    results["stages"] = manifest["stage_seconds"]
+    results["fs_used_bytes"] = manifest["disk"]["root_used_bytes"]
+    results["tart_oci"] = time_tart_oci(version, scratch)
+    key = scratch / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    boot = boot_once(version, key, scratch / "boot", base=(version_disk(version), "raw"))
+    results["boot"] = vars(boot)
+    print(json.dumps(results, indent=2))
+    write_markdown(results)
+    return 0
+
+
+def write_markdown(r: dict[str, Any]) -> None:
+    gib, mib = 1 << 30, 1 << 20
+    oci = r["tart_oci"]
+    boot = r["boot"]
+    build = (
+        f"{r['cold_build_s']:.0f} s"
+        if r["cold_build_measured"]
+        else f"{r['recorded_build_s']:.0f} s (recorded by that build)"
+    )
+    rows = [
+        ("spec", f"`{Path(r['spec']).name}` (default packages, code-server 4.139.1)"),
+        ("cold cross-build (qemu-user)", build),
+        ("  stages", ", ".join(f"{k} {v:.0f} s" for k, v in r["stages"].items())),
+        ("root filesystem used", f"{r['fs_used_bytes'] / gib:.2f} GiB"),
+        (
+            "tart-oci writer (512 MiB chunks, Apple LZ4)",
+            f"{oci['seconds']:.1f} s, {oci['bytes'] / mib:.0f} MiB in {oci['disk_layers']} "
+            f"disk layers ({oci['unique_blobs']} distinct blobs)",
+        ),
+        ("boot to /healthz 200 (qemu-system-aarch64, TCG)", f"{boot['healthz_s']:.1f} s"),
+        ("guest memory used at idle", f"{boot['guest_used_mib']:.0f} MiB"),
+        ("systemd-analyze", boot["systemd_analyze"]),
+    ]
+    table = "\n".join(f"| {a} | {b} |" for a, b in rows)
+    body = (
+        f"Measured {r['date']} on {r['machine']}.\n\n| measure | result |\n| --- | --- |\n{table}"
+    )
+    write_section(
+        "arm64-bench", "arm64 image for Tart (`sudo .venv/bin/python -m bench.arm64_bench`)", body
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
