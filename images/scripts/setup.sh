@@ -14,7 +14,8 @@
 # Inputs (environment variables; the builder sets them from the image spec):
 #   SETUP_USER                 workspace user (default: coder)
 #   SETUP_NODE_MAJOR           Node.js major version (default: 24)
-#   SETUP_CODE_SERVER_VERSION  exact code-server version (default: 4.139.1)
+#   SETUP_CODE_SERVER_VERSION  exact code-server version (default: 4.139.1); "none" leaves
+#                              code-server and its build tools out (test images only)
 #   SETUP_NPM_MAJOR            npm major version installed beside Node (default: 11)
 #   SETUP_PACKAGES             space-separated Debian packages to install
 #   SETUP_NPM_REGISTRY         npm registry (default: https://registry.npmjs.org)
@@ -35,8 +36,15 @@ export DEBIAN_FRONTEND=noninteractive
 
 # What the init contract and this script themselves need, whatever the spec says.
 CONTRACT_PACKAGES="systemd systemd-sysv systemd-resolved udev dbus openssh-server sudo
-  ca-certificates curl jq cloud-guest-utils e2fsprogs fdisk build-essential pkg-config
-  python3 libkrb5-dev zstd"
+  ca-certificates curl jq cloud-guest-utils e2fsprogs fdisk zstd"
+# What `npm install code-server` compiles its native modules with.
+CODE_SERVER_BUILD_PACKAGES="build-essential pkg-config python3 libkrb5-dev"
+WITH_CODE_SERVER=yes
+if [ "$SETUP_CODE_SERVER_VERSION" = none ]; then
+  WITH_CODE_SERVER=""
+else
+  CONTRACT_PACKAGES="$CONTRACT_PACKAGES $CODE_SERVER_BUILD_PACKAGES"
+fi
 
 if [ "${1:-}" = --print-packages ]; then
   # The builder installs these in its bootstrap, in the same apt run as the rest.
@@ -137,6 +145,10 @@ code_server_version() {
 }
 
 install_code_server() {
+  if [ -z "$WITH_CODE_SERVER" ]; then
+    say "code-server: left out (SETUP_CODE_SERVER_VERSION=none)"
+    return
+  fi
   if [ "$(code_server_version)" = "$SETUP_CODE_SERVER_VERSION" ]; then
     say "code-server: $SETUP_CODE_SERVER_VERSION present"
     return
@@ -387,8 +399,12 @@ NET
 SystemMaxUse=100M
 CONF
 
-  systemctl enable ssh.service rockpool-init.service code-server.service \
-    rockpool-growroot.service
+  systemctl enable ssh.service rockpool-init.service rockpool-growroot.service
+  if [ -n "$WITH_CODE_SERVER" ]; then
+    systemctl enable code-server.service
+  else
+    systemctl disable code-server.service
+  fi
   # A live VM whose network another manager runs keeps it; two DHCP clients on one NIC
   # would fight. Build roots and networkd-managed VMs get networkd + resolved.
   if other_network_manager; then

@@ -9,6 +9,7 @@ from rockpool import host
 from rockpool.command import clean_environment, contained, run
 from rockpool.context import BuildContext
 from rockpool.progress import Task
+from rockpool.provision import setup_variables
 
 # What makes the root bootable; the spec's packages and setup.sh's own come on top.
 BOOT_PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "systemd-boot-efi")
@@ -61,7 +62,11 @@ def _bytes(number: str, unit: str) -> float:
 
 def setup_script_packages(ctx: BuildContext) -> list[str]:
     """The packages setup.sh itself insists on; installed here in one apt run."""
-    result = run(["bash", ctx.spec.setup_script, "--print-packages"], capture=True)
+    result = run(
+        ["bash", ctx.spec.setup_script, "--print-packages"],
+        env=clean_environment(setup_variables(ctx.spec)),
+        capture=True,
+    )
     return result.stdout.split()
 
 

@@ -65,6 +65,27 @@ def engines_allow(engines_node: str, major: int) -> bool:
     return True  # a range too rich to judge here; npm decides during the build
 
 
+def check_code_server(ctx: BuildContext, version: str) -> None:
+    """The registry has this code-server, and it runs on the spec's Node.js major."""
+    spec = ctx.spec
+    registry = spec.npm_registry
+    try:
+        code_server = _json(ctx, f"{registry}/code-server/{version}")
+    except FileNotFoundError:
+        raise InvalidInput(
+            f"{spec.path}: code_server.version {version} does not exist "
+            f"in {registry}",
+            hint="see the available versions with: npm view code-server versions",
+        ) from None
+    engines = str(code_server.get("engines", {}).get("node", ""))
+    if engines and not engines_allow(engines, spec.node_major):
+        raise InvalidInput(
+            f"{spec.path}: code_server.version {version} needs Node.js "
+            f"'{engines}', but node.major is {spec.node_major}",
+            hint="set node.major to a version code-server supports",
+        )
+
+
 def preflight(ctx: BuildContext) -> None:
     spec = ctx.spec
     try:
@@ -74,21 +95,8 @@ def preflight(ctx: BuildContext) -> None:
             f"{spec.path}: debian.mirror {spec.mirror} has no suite '{spec.suite}'"
         ) from None
     registry = spec.npm_registry
-    try:
-        code_server = _json(ctx, f"{registry}/code-server/{spec.code_server_version}")
-    except FileNotFoundError:
-        raise InvalidInput(
-            f"{spec.path}: code_server.version {spec.code_server_version} does not exist "
-            f"in {registry}",
-            hint="see the available versions with: npm view code-server versions",
-        ) from None
-    engines = str(code_server.get("engines", {}).get("node", ""))
-    if engines and not engines_allow(engines, spec.node_major):
-        raise InvalidInput(
-            f"{spec.path}: code_server.version {spec.code_server_version} needs Node.js "
-            f"'{engines}', but node.major is {spec.node_major}",
-            hint="set node.major to a version code-server supports",
-        )
+    if spec.code_server_version is not None:
+        check_code_server(ctx, spec.code_server_version)
     node_package = f"node-linux-{NODE_ARCH[spec.architecture]}"
     abbreviated = "application/vnd.npm.install-v1+json"
     try:

@@ -58,7 +58,7 @@ def setup_variables(spec: ImageSpec) -> dict[str, str]:
     return {
         "SETUP_USER": spec.user,
         "SETUP_NODE_MAJOR": str(spec.node_major),
-        "SETUP_CODE_SERVER_VERSION": spec.code_server_version,
+        "SETUP_CODE_SERVER_VERSION": spec.code_server_version or "none",
         "SETUP_PACKAGES": " ".join(spec.packages),
         "SETUP_NPM_REGISTRY": spec.npm_registry,
     }

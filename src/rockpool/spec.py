@@ -29,6 +29,9 @@ MAX_DISK = 2 << 40
 MIN_MEMORY = 1 << 30
 RESERVED_USERS = {"root", "daemon", "bin", "sys", "sync", "nobody", "sshd", "messagebus", "systemd"}
 DEFAULT_SPEC = Path("images/workspace.toml")
+# code_server.version = "none": an image without code-server or its build tools, for
+# tests of everything else (an emulated arm64 build skips its native modules).
+NO_CODE_SERVER = "none"
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
@@ -48,7 +51,7 @@ class ImageSpec:
     packages: tuple[str, ...]
     node_major: int
     npm_registry: str
-    code_server_version: str
+    code_server_version: str | None  # None: no code-server (test images only)
     user: str
     cpus: int
     memory: int
@@ -185,6 +188,11 @@ def _user(value: Any) -> str | None:
 
 
 _package = _matches(_PACKAGE, "must be a Debian package name")
+_semver = _matches(_SEMVER, 'must be an exact version such as "4.139.1", or "none"')
+
+
+def _code_server_version(value: Any) -> str | None:
+    return None if value == NO_CODE_SERVER else _semver(value)
 
 SCHEMA: dict[str, dict[str, Check]] = {
     "image": {
@@ -206,7 +214,7 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "major": _integer(20, 99),
         "registry": _matches(_MIRROR, "must be an http:// or https:// URL"),
     },
-    "code_server": {"version": _matches(_SEMVER, 'must be an exact version such as "4.139.1"')},
+    "code_server": {"version": _code_server_version},
     "workspace": {
         "user": _user,
         "cpus": _integer(1, 64),
@@ -362,7 +370,11 @@ def load_spec(path: Path) -> ImageSpec:
         packages=tuple(packages),
         node_major=merged[("node", "major")],
         npm_registry=merged[("node", "registry")].rstrip("/"),
-        code_server_version=merged[("code_server", "version")],
+        code_server_version=(
+            None
+            if merged[("code_server", "version")] == NO_CODE_SERVER
+            else merged[("code_server", "version")]
+        ),
         user=merged[("workspace", "user")],
         cpus=merged[("workspace", "cpus")],
         memory=parse_size(str(merged[("workspace", "memory")])),

@@ -178,3 +178,22 @@ def test_digest_follows_inputs(spec_dir: Path) -> None:
     assert spec_digest(load_spec(path)) == first
     (spec_dir / "setup.sh").write_text("#!/bin/bash\necho changed\n")
     assert spec_digest(load_spec(path)) != first
+
+
+def test_code_server_can_be_left_out_only_by_name(spec_dir: Path) -> None:
+    without = load_spec(write(spec_dir, MINIMAL.replace('"4.139.1"', '"none"')))
+    assert without.code_server_version is None
+    assert load_spec(write(spec_dir, MINIMAL)).code_server_version == "4.139.1"
+    with pytest.raises(SpecError, match='or "none"') as caught:
+        load_spec(write(spec_dir, MINIMAL.replace('"4.139.1"', '"latest"')))
+    assert caught.value.key == "code_server.version"
+
+
+def test_the_arm64_specs_share_the_default_spec_and_script() -> None:
+    default = load_spec(DEFAULT)
+    arm64 = load_spec(REPO / "images" / "workspace-arm64.toml")
+    assert arm64.architecture == "arm64" and arm64.setup_script == default.setup_script
+    assert arm64.packages == default.packages and arm64.formats == ("tart", "tart-oci", "qcow2")
+    assert arm64.code_server_version == default.code_server_version
+    test_spec = load_spec(REPO / "tests" / "specs" / "arm64.toml")
+    assert test_spec.setup_script == default.setup_script and test_spec.architecture == "arm64"
