@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -286,6 +287,15 @@ def _workspaces_on(version: Version, held: dict[Path, list[str]]) -> list[str]:
     )
 
 
+def _uninstall_from_tart(version: Version) -> None:
+    """On a Mac, a removed version's installed Tart VM goes too (it is a full copy)."""
+    if version.manifest.get("architecture") != "arm64" or shutil.which("tart") is None:
+        return
+    from rockpool.runtime.tart import TartRuntime
+
+    TartRuntime(Store.default()).uninstall_image(version)
+
+
 def cmd_image_rm(args: argparse.Namespace, reporter: Reporter) -> int:
     store = Store.default()
     version = store.resolve(args.ref)
@@ -296,6 +306,7 @@ def cmd_image_rm(args: argparse.Namespace, reporter: Reporter) -> int:
             hint="remove those workspaces first; their disks are built on it",
         )
     store.remove_version(version)
+    _uninstall_from_tart(version)
     _emit(args, {"removed": version.ref}, f"removed {version.ref}")
     return 0
 
@@ -317,6 +328,7 @@ def cmd_image_gc(args: argparse.Namespace, reporter: Reporter) -> int:
                 )
             else:
                 store.remove_version(version)
+                _uninstall_from_tart(version)
                 removed.append(version.ref)
     layers = [str(p) for p in runtime.remove_unused_layers()]
     lines = [f"removed {r}" for r in removed] + [

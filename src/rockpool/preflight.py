@@ -73,8 +73,7 @@ def check_code_server(ctx: BuildContext, version: str) -> None:
         code_server = _json(ctx, f"{registry}/code-server/{version}")
     except FileNotFoundError:
         raise InvalidInput(
-            f"{spec.path}: code_server.version {version} does not exist "
-            f"in {registry}",
+            f"{spec.path}: code_server.version {version} does not exist in {registry}",
             hint="see the available versions with: npm view code-server versions",
         ) from None
     engines = str(code_server.get("engines", {}).get("node", ""))

@@ -194,6 +194,7 @@ _semver = _matches(_SEMVER, 'must be an exact version such as "4.139.1", or "non
 def _code_server_version(value: Any) -> str | None:
     return None if value == NO_CODE_SERVER else _semver(value)
 
+
 SCHEMA: dict[str, dict[str, Check]] = {
     "image": {
         "name": _image_name,

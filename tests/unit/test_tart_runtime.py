@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -518,3 +519,19 @@ def test_a_guest_that_ignores_the_stop_request_is_stopped_by_tart(
     assert tart.calls()[-2:] == [["<SIGUSR2>", "dave"], ["stop", "dave", "--timeout", "10"]]
     assert stopped.state == State.STOPPED
     assert tart.vms()["dave"]["State"] == "stopped"
+
+
+def test_removing_a_version_deletes_its_installed_vm(tart: Tart) -> None:
+    version = land_version(tart.store)
+    runtime = TartRuntime(tart.store)
+    runtime.create("erin", "workspace-arm64")  # installs the image VM, then clones it
+    result = subprocess.run(
+        [sys.executable, "-m", "rockpool", "image", "rm", version.ref, "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert tart.calls()[-1] == ["delete", IMAGE_VM]
+    assert set(tart.vms()) == {"erin"}  # the workspace, a full clone, stays
+    assert runtime.uninstall_image(version) is False

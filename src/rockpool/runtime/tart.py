@@ -375,6 +375,17 @@ class TartRuntime(Runtime):
         log.info("installed %s as the Tart VM %s", version.ref, vm)
         return vm
 
+    def uninstall_image(self, version: Version) -> bool:
+        """Delete the version's installed Tart VM, if there is one. Workspaces are full
+        clones of it (APFS copy-on-write), so none depends on it."""
+        vm = image_vm_name(version)
+        with install_lock():
+            if vm not in local_vms():
+                return False
+            run_tart("delete", vm)
+        log.info("deleted the Tart VM %s of %s", vm, version.ref)
+        return True
+
     def _remove_abandoned_installs(self, vms: Mapping[str, Mapping[str, Any]]) -> None:
         """Temporary VMs of installs that were killed (the install lock is held here)."""
         for vm, entry in vms.items():
