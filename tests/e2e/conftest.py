@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ from rockpool.store import Store, Version
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SPEC = REPO / "images" / "workspace.toml"
+# CI builds the small arm64 test spec; ROCKPOOL_TEST_ARM64_SPEC=images/workspace-arm64.toml
+# runs the same tests on the full image (an hour or more of emulated building).
+ARM64_SPEC = Path(os.environ.get("ROCKPOOL_TEST_ARM64_SPEC", REPO / "tests/specs/arm64.toml"))
 
 
 @pytest.fixture(scope="session")
@@ -39,15 +43,68 @@ def run_rockpool(home: Path, *args: str, timeout: float = 120) -> subprocess.Com
     )
 
 
+class BackgroundBuild:
+    """A build by the real CLI that runs while other tests boot VMs.
+
+    The arm64 test image is built under qemu-user emulation: mostly one busy core for
+    twenty minutes, which the amd64 tests' VM boots can share.
+    """
+
+    def __init__(self, home: Path, spec: Path, work: Path) -> None:
+        self.home, self.spec, self.work = home, spec, work
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if self.proc is not None:
+            return
+        self.work.mkdir(parents=True, exist_ok=True)
+        with open(self.work / "stdout.json", "wb") as out, open(self.work / "stderr", "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rockpool", "image", "build", str(self.spec), "--json"],
+                env=rockpool_env(self.home),
+                stdout=out,
+                stderr=err,
+            )
+
+    def result(self, timeout: float) -> Version:
+        self.start()
+        assert self.proc is not None
+        returncode = self.proc.wait(timeout=timeout)
+        stderr = (self.work / "stderr").read_text(errors="replace")
+        assert returncode == 0, f"build of {self.spec} failed:\n{stderr[-4000:]}"
+        built = json.loads((self.work / "stdout.json").read_text())
+        return Store(self.home).version(built["name"], built["version"])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=120)
+
+
 @pytest.fixture(scope="session")
-def built_image(store_home: Path) -> Version:
+def arm64_build(
+    store_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BackgroundBuild]:
+    build = BackgroundBuild(store_home, ARM64_SPEC, tmp_path_factory.mktemp("arm64-build"))
+    yield build
+    build.stop()
+
+
+@pytest.fixture(scope="session")
+def built_image(store_home: Path, arm64_build: BackgroundBuild) -> Version:
     """The default image, built once per run by the real CLI."""
     result = run_rockpool(store_home, "image", "build", str(DEFAULT_SPEC), "--json", timeout=3600)
     assert result.returncode == 0, f"build failed:\n{result.stderr[-4000:]}"
     built = json.loads(result.stdout)
     store = Store(store_home)
     assert list(store.staging_dir.iterdir()) == [], "a build left staging directories behind"
+    arm64_build.start()  # from now on it overlaps with the amd64 VM tests
     return store.version(built["name"], built["version"])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The arm64 tests last: their image builds in the background meanwhile."""
+    items.sort(key=lambda item: "test_tart_arm64" in item.nodeid)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 
 from rockpool.formats import tart_oci
 from rockpool.store import Store, Version
-from tests.e2e.conftest import REPO, run_rockpool
+from tests.e2e.conftest import ARM64_SPEC, REPO, BackgroundBuild, run_rockpool
 from tests.e2e.guest import Guest
 from tests.e2e.registry import blob, local_registry, manifest
 from tests.e2e.test_image import check_behind_caddy
@@ -24,21 +24,13 @@ from tests.lz4_frames import decode_digest
 pytestmark = pytest.mark.vm
 
 
-# CI builds the small arm64 test spec; ROCKPOOL_TEST_ARM64_SPEC=images/workspace-arm64.toml
-# runs the same tests on the full image (an hour or more of emulated building), and
-# ROCKPOOL_TEST_ARM64_IMAGE=NAME:VERSION on one already in ROCKPOOL_TEST_STORE.
-ARM64_SPEC = Path(os.environ.get("ROCKPOOL_TEST_ARM64_SPEC", REPO / "tests/specs/arm64.toml"))
-
-
 @pytest.fixture(scope="session")
-def arm64_image(store_home: Path) -> Version:
+def arm64_image(store_home: Path, arm64_build: BackgroundBuild) -> Version:
+    """ROCKPOOL_TEST_ARM64_IMAGE=NAME:VERSION takes one already in ROCKPOOL_TEST_STORE."""
     existing = os.environ.get("ROCKPOOL_TEST_ARM64_IMAGE")
     if existing:
         return Store(store_home).resolve(existing)
-    result = run_rockpool(store_home, "image", "build", str(ARM64_SPEC), "--json", timeout=7200)
-    assert result.returncode == 0, f"arm64 build failed:\n{result.stderr[-4000:]}"
-    built = json.loads(result.stdout)
-    return Store(store_home).version(built["name"], built["version"])
+    return arm64_build.result(timeout=7200)
 
 
 def boot_disk(version: Version) -> Path:
