@@ -193,7 +193,7 @@ def test_arm64_boots_with_aavmf_and_applies_the_init_contract(
         kernel_modules = guest.ssh(
             "cat /lib/modules/$(uname -r)/modules.builtin /lib/modules/$(uname -r)/modules.dep"
         )
-        for driver in ("virtio_console", "virtio_net", "virtio_rng", "virtiofs"):
+        for driver in ("virtio_console", "virtio_net", "virtio-rng", "virtiofs", "vsock_virtio"):
             assert driver in kernel_modules, f"the kernel lacks {driver}"
         assert "hvc0" in guest.ssh("cat /proc/cmdline")
         # The root grew into the larger disk, as after `tart set --disk-size`.
