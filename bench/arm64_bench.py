@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.image_bench import boot_once, machine_note, rockpool_build
+from bench.image_bench import boot_once, machine_note, number, rockpool_build
 from bench.report import write_section
 from rockpool.context import BuildContext
 from rockpool.formats import output_format
 from rockpool.progress import Reporter
 from rockpool.spec import load_spec
 from rockpool.store import Store, Version
+from tests.e2e.guest import Guest
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "images" / "workspace-arm64.toml"
@@ -66,6 +67,27 @@ def time_tart_oci(version: Version, scratch: Path) -> dict[str, Any]:
     }
 
 
+def boot_to_ssh(
+    version: Version, key: Path, run_dir: Path, base: tuple[Path, str]
+) -> dict[str, Any]:
+    guest = Guest(version, run_dir, key, base=base)
+    guest.configure({"ROCKPOOL_WORKSPACE_NAME": "bench"})
+    try:
+        started = time.monotonic()
+        guest.start()
+        guest.wait_ssh()
+        ssh_s = time.monotonic() - started
+        meminfo = guest.ssh("cat /proc/meminfo")
+        used_kib = number(r"MemTotal:\s+(\d+)", meminfo) - number(r"MemAvailable:\s+(\d+)", meminfo)
+        return {
+            "ssh_s": ssh_s,
+            "guest_used_mib": used_kib / 1024,
+            "systemd_analyze": guest.ssh("systemd-analyze || true").strip().splitlines()[0],
+        }
+    finally:
+        guest.kill()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--store", type=Path, help="a store holding the arm64 version")
@@ -89,8 +111,11 @@ def main() -> int:
     results["tart_oci"] = time_tart_oci(version, scratch)
     key = scratch / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    boot = boot_once(version, key, scratch / "boot", base=(version_disk(version), "raw"))
-    results["boot"] = vars(boot)
+    base = (version_disk(version), "raw")
+    if "code-server" in manifest["packages"]["npm"]:
+        results["boot"] = vars(boot_once(version, key, scratch / "boot", base=base))
+    else:  # the CI test image: no code-server, so SSH is what answers first
+        results["boot"] = boot_to_ssh(version, key, scratch / "boot", base)
     print(json.dumps(results, indent=2))
     write_markdown(results)
     return 0
@@ -106,7 +131,7 @@ def write_markdown(r: dict[str, Any]) -> None:
         else f"{r['recorded_build_s']:.0f} s (recorded by that build)"
     )
     rows = [
-        ("spec", f"`{Path(r['spec']).name}` (default packages, code-server 4.139.1)"),
+        ("spec", f"`{Path(r['spec']).name}`"),
         ("cold cross-build (qemu-user)", build),
         ("  stages", ", ".join(f"{k} {v:.0f} s" for k, v in r["stages"].items())),
         ("root filesystem used", f"{r['fs_used_bytes'] / gib:.2f} GiB"),
@@ -115,8 +140,13 @@ def write_markdown(r: dict[str, Any]) -> None:
             f"{oci['seconds']:.1f} s, {oci['bytes'] / mib:.0f} MiB in {oci['disk_layers']} "
             f"disk layers ({oci['unique_blobs']} distinct blobs)",
         ),
-        ("boot to /healthz 200 (qemu-system-aarch64, TCG)", f"{boot['healthz_s']:.1f} s"),
-        ("guest memory used at idle", f"{boot['guest_used_mib']:.0f} MiB"),
+        (
+            "boot to /healthz 200 (qemu-system-aarch64, TCG)"
+            if "healthz_s" in boot
+            else "boot to SSH (qemu-system-aarch64, TCG; this image has no code-server)",
+            f"{boot.get('healthz_s', boot.get('ssh_s', 0)):.1f} s",
+        ),
+        ("guest memory used after boot", f"{boot['guest_used_mib']:.0f} MiB"),
         ("systemd-analyze", boot["systemd_analyze"]),
     ]
     table = "\n".join(f"| {a} | {b} |" for a, b in rows)
