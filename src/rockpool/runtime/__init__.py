@@ -1,1 +1,1 @@
-"""Runtimes that run workspace VMs from stored images (QEMU now; Tart and Incus later)."""
+"""Runtimes that run workspace VMs from stored images: QEMU (Linux), Tart (macOS)."""
