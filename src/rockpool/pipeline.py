@@ -261,6 +261,10 @@ def run_build(
                 ca_bundle=ca_bundle,
             )
             log.info("building %s from %s (input %s) in %s", spec.name, spec.path, digest, work)
+            # Load every format backend now: a build runs for up to an hour and a half,
+            # and must not import code that was changed on disk meanwhile.
+            for name in spec.formats:
+                output_format(name)
             for name, stage in stages:
                 with ctx.stage(name):
                     stage(ctx)

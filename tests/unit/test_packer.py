@@ -126,7 +126,7 @@ def test_setup_sh_is_the_only_script_and_gets_the_mmdebstrap_paths_settings(
     assert set(template_env(template)) >= {"SETUP_USER", "SETUP_PACKAGES", "SETUP_NODE_MAJOR"}
 
 
-def test_the_last_step_seals_then_removes_the_build_login_and_powers_off() -> None:
+def test_the_last_step_removes_the_build_login_then_seals_and_powers_off() -> None:
     steps = provisioners(parse(load_spec(ARM64_SPEC)))
     kind, last = steps[-1]
     assert kind == "shell"
