@@ -7,9 +7,11 @@ import hashlib
 import struct
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from rockpool.formats import tart_oci
 
 _FRAME_MAGIC = 0x184D2204
 _PRIME1, _PRIME2, _PRIME3, _PRIME4, _PRIME5 = (
@@ -94,3 +96,22 @@ def decode_digest(blob: Path) -> tuple[int, str]:
     if proc.wait() != 0:
         raise ValueError(f"lz4 could not decode {blob}")
     return size, digest.hexdigest()
+
+
+def check_disk_layers(
+    layers: Sequence[dict[str, Any]], blob_path: Callable[[str], Path], disk: Path
+) -> str:
+    """Decode every Tart disk layer with the lz4 tool; its annotations must name what it
+    decodes to, and that must be the disk's bytes at its offset. Returns the sha256 of
+    all the chunks together."""
+    whole = hashlib.sha256()
+    with open(disk, "rb") as raw:
+        for layer in layers:
+            size, digest = decode_digest(blob_path(layer["digest"]))
+            annotations = layer["annotations"]
+            assert int(annotations[tart_oci.UNCOMPRESSED_SIZE]) == size
+            assert annotations[tart_oci.UNCOMPRESSED_DIGEST] == f"sha256:{digest}"
+            chunk = raw.read(size)
+            assert hashlib.sha256(chunk).hexdigest() == digest
+            whole.update(chunk)
+    return whole.hexdigest()

@@ -19,7 +19,7 @@ from tests.e2e.conftest import ARM64_SPEC, REPO, BackgroundBuild, run_rockpool
 from tests.e2e.guest import Guest
 from tests.e2e.registry import blob, local_registry, manifest
 from tests.e2e.test_image import check_behind_caddy
-from tests.lz4_frames import decode_digest
+from tests.lz4_frames import check_disk_layers
 
 pytestmark = pytest.mark.vm
 
@@ -82,19 +82,15 @@ def test_tart_oci_layers_decode_to_the_disk(arm64_image: Version) -> None:
     size = disk.stat().st_size
     assert len(disk_layers) == -(-size // tart_oci.CHUNK_SIZE)
     assert image_manifest["annotations"][tart_oci.UNCOMPRESSED_DISK_SIZE] == str(size)
-    whole = hashlib.sha256()
-    with open(disk, "rb") as raw:
-        for layer in disk_layers:
-            assert layer["mediaType"] == tart_oci.TART_DISK_TYPE
-            path = layout / "blobs" / "sha256" / layer["digest"].removeprefix("sha256:")
-            decoded_size, decoded_digest = decode_digest(path)  # the lz4 tool, not python-lz4
-            annotations = layer["annotations"]
-            assert int(annotations[tart_oci.UNCOMPRESSED_SIZE]) == decoded_size
-            assert annotations[tart_oci.UNCOMPRESSED_DIGEST] == f"sha256:{decoded_digest}"
-            chunk = raw.read(decoded_size)
-            assert hashlib.sha256(chunk).hexdigest() == decoded_digest
-            whole.update(chunk)
-    assert whole.hexdigest() == arm64_image.manifest["outputs"]["tart"]["files"]["disk.img"]
+    assert [layer["mediaType"] for layer in disk_layers] == [tart_oci.TART_DISK_TYPE] * len(
+        disk_layers
+    )
+
+    def blob_path(digest: str) -> Path:
+        return layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
+
+    whole = check_disk_layers(disk_layers, blob_path, disk)  # the lz4 tool, not python-lz4
+    assert whole == arm64_image.manifest["outputs"]["tart"]["files"]["disk.img"]
 
 
 def test_push_to_a_local_registry_keeps_tarts_format(

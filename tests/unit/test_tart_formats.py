@@ -15,7 +15,7 @@ from rockpool.pipeline import output_digest
 from rockpool.progress import Reporter
 from rockpool.spec import load_spec
 from rockpool.store import Store
-from tests.lz4_frames import decode_digest, xxh32
+from tests.lz4_frames import check_disk_layers, decode_digest, xxh32
 
 REPO = Path(__file__).resolve().parents[2]
 CHUNK = 1 << 20  # the real 512 MiB chunks are exercised on the built arm64 image
@@ -110,17 +110,8 @@ def test_tart_oci_layout_follows_tarts_push_format(
     assert config_layer["mediaType"] == tart_oci.TART_CONFIG_TYPE
     assert json.loads(blob(config_layer["digest"]).read_text())["arch"] == "arm64"
     assert [layer["mediaType"] for layer in disk_layers] == [tart_oci.TART_DISK_TYPE] * 4
-    reassembled = hashlib.sha256()
-    with open(sparse_disk, "rb") as disk:
-        for layer in disk_layers:
-            size, digest = decode_digest(blob(layer["digest"]))
-            annotations = layer["annotations"]
-            assert int(annotations[tart_oci.UNCOMPRESSED_SIZE]) == size
-            assert annotations[tart_oci.UNCOMPRESSED_DIGEST] == f"sha256:{digest}"
-            chunk = disk.read(size)
-            assert hashlib.sha256(chunk).hexdigest() == digest
-            reassembled.update(chunk)
-    assert reassembled.hexdigest() == hashlib.sha256(sparse_disk.read_bytes()).hexdigest()
+    reassembled = check_disk_layers(disk_layers, blob, sparse_disk)
+    assert reassembled == hashlib.sha256(sparse_disk.read_bytes()).hexdigest()
     # The hole chunk is stored once; the layout holds no stray temporary files.
     assert disk_layers[1]["digest"] != disk_layers[0]["digest"]
     assert not list(layout.rglob(".*.tmp"))
