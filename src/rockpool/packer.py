@@ -31,6 +31,7 @@ from rockpool.formats.tart_oci import TartOciFormat, with_nvram
 from rockpool.pipeline import BuildResult, input_digest, run_build, sha256_file, write_formats
 from rockpool.progress import Reporter
 from rockpool.provision import installed_versions, setup_variables
+from rockpool.runtime.tart import vm_dir as tart_vm_dir
 from rockpool.spec import ImageSpec, spec_digest
 from rockpool.store import Store
 
@@ -330,12 +331,6 @@ def require_packer_host(spec: ImageSpec | None = None) -> None:
             )
 
 
-def tart_home() -> Path:
-    """Where Tart keeps its VMs, as Tart and the plugin (PathInTartHome) find it."""
-    override = os.environ.get("TART_HOME")
-    return Path(override) if override else Path.home() / ".tart"
-
-
 def packer_environment() -> dict[str, str]:
     """A clean environment whose PATH finds packer and tart (the plugin runs `tart`)."""
     dirs = [str(path.parent) for path in _tool_paths().values() if path is not None]
@@ -397,7 +392,7 @@ def _run_packer(ctx: BuildContext, *, vm_name: str, base_vm: str) -> None:
     template = render_template(ctx.spec, vm_name=vm_name, base_vm=base_vm)
     (template_dir / TEMPLATE).write_text(template, encoding="utf-8")
     env = packer_environment()
-    vm_dir = tart_home() / "vms" / vm_name
+    vm_directory = tart_vm_dir(vm_name)
     try:
         run(["packer", "init", template_dir], env=env, on_line=ctx.reporter.status)
         run(
@@ -406,11 +401,11 @@ def _run_packer(ctx: BuildContext, *, vm_name: str, base_vm: str) -> None:
             cwd=template_dir,
             on_line=ctx.reporter.status,
         )
-        _collect(ctx, vm_dir)
+        _collect(ctx, vm_directory)
     finally:
-        if vm_dir.exists():
+        if vm_directory.exists():
             run(["tart", "delete", vm_name], env=env, on_line=ctx.reporter.status, check=False)
-        if vm_dir.exists():
+        if vm_directory.exists():
             ctx.reporter.info(
                 f"could not delete the build VM {vm_name}; run: tart delete {vm_name}"
             )
