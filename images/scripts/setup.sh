@@ -495,6 +495,8 @@ rm -f /var/lib/dbus/machine-id /var/lib/systemd/random-seed /var/lib/systemd/cre
 echo localhost >/etc/hostname
 apt-get clean
 rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/debconf/*-old /var/lib/dpkg/*-old
+# ldconfig's aux-cache records inode numbers and times of the build's files.
+rm -f /var/cache/ldconfig/aux-cache
 rm -rf /root/.npm /root/.cache /root/.node-gyp /root/.bash_history /home/*/.npm /home/*/.cache
 rm -rf /root/.config/code-server /root/.local/share/code-server
 rm -rf /tmp/* /var/tmp/*

@@ -70,18 +70,26 @@ def setup_script_packages(ctx: BuildContext) -> list[str]:
     return result.stdout.split()
 
 
+def bootstrap_packages(ctx: BuildContext) -> list[str]:
+    """Everything the bootstrap installs, in one apt run."""
+    spec = ctx.spec
+    return list(
+        dict.fromkeys(
+            [
+                *BOOT_PACKAGES,
+                KERNEL_PACKAGE[spec.architecture],
+                *setup_script_packages(ctx),
+                *spec.packages,
+            ]
+        )
+    )
+
+
 def bootstrap(ctx: BuildContext) -> None:
     host.require(host.BUILD_TOOLS, "building an image")
     spec = ctx.spec
     host.require_foreign_architecture(spec.architecture)
-    packages = dict.fromkeys(
-        [
-            *BOOT_PACKAGES,
-            KERNEL_PACKAGE[spec.architecture],
-            *setup_script_packages(ctx),
-            *spec.packages,
-        ]
-    )
+    packages = bootstrap_packages(ctx)
     argv: list[str | Path] = [
         "mmdebstrap",
         "--mode=root",

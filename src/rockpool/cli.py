@@ -311,6 +311,47 @@ def cmd_image_rm(args: argparse.Namespace, reporter: Reporter) -> int:
     return 0
 
 
+def cmd_image_diff(args: argparse.Namespace, reporter: Reporter) -> int:
+    from rockpool.diff import diff_versions, render
+
+    store = Store.default()
+    result = diff_versions(store.resolve(args.a), store.resolve(args.b), bytes_of_disks=args.bytes)
+    _emit(args, result, render(result))
+    return 0
+
+
+# ---- cache ------------------------------------------------------------------------------
+
+
+def cmd_cache_ls(args: argparse.Namespace, reporter: Reporter) -> int:
+    from rockpool.cache import StageCache
+
+    entries = StageCache.of_store(Store.default().root).entries()
+    rows = [entry.to_json() for entry in entries]
+    total = sum(row["allocated"] for row in rows)
+    lines = [
+        f"{row['stage']:<10} {row['key'][:16]}  {format_size(row['allocated']):>10}  "
+        f"last used {row['last_used']}"
+        for row in rows
+    ]
+    lines.append(f"{len(rows)} entries, {format_size(total)}")
+    _emit(args, {"entries": rows, "allocated": total}, "\n".join(lines))
+    return 0
+
+
+def cmd_cache_prune(args: argparse.Namespace, reporter: Reporter) -> int:
+    from rockpool.cache import StageCache, configured_max_bytes, parse_max_size
+
+    limit = parse_max_size(args.max_size) if args.max_size is not None else configured_max_bytes()
+    if args.all:
+        limit = 0
+    removed = StageCache.of_store(Store.default().root).prune(limit, stage=args.stage)
+    rows = [{"stage": e.stage, "key": e.key} for e in removed]
+    text = "\n".join(f"removed {r['stage']} {r['key'][:16]}" for r in rows) or "nothing to remove"
+    _emit(args, {"removed": rows, "max_bytes": limit}, text)
+    return 0
+
+
 def cmd_image_gc(args: argparse.Namespace, reporter: Reporter) -> int:
     """Remove every version that is neither an image's latest nor held by a workspace."""
     store = Store.default()
@@ -445,6 +486,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove versions that are not latest and not used by a workspace",
     )
     p.set_defaults(handler=cmd_image_gc)
+    p = image.add_parser(
+        "diff", parents=[json_flag], help="what differs between two versions (files, packages)"
+    )
+    p.add_argument("a", help="NAME:VERSION (or NAME for its latest)")
+    p.add_argument("b", help="NAME:VERSION (or NAME for its latest)")
+    p.add_argument(
+        "--bytes", action="store_true", help="also compare the raw disks and name the regions"
+    )
+    p.set_defaults(handler=cmd_image_diff)
+
+    caches = groups.add_parser("cache", help="the stage cache of builds").add_subparsers(
+        dest="command", required=True, parser_class=_Parser
+    )
+    p = caches.add_parser("ls", parents=[json_flag], help="list cache entries")
+    p.set_defaults(handler=cmd_cache_ls)
+    p = caches.add_parser(
+        "prune", parents=[json_flag], help="remove least recently used entries over a size"
+    )
+    p.add_argument(
+        "--max-size",
+        metavar="SIZE",
+        help="keep at most SIZE, e.g. 20G (default: $ROCKPOOL_CACHE_MAX_SIZE, else 40G)",
+    )
+    p.add_argument("--all", action="store_true", help="remove every entry")
+    p.add_argument(
+        "--stage",
+        choices=["bootstrap", "provision", "disk", "formats"],
+        help="only entries of this stage",
+    )
+    p.set_defaults(handler=cmd_cache_prune)
 
     spaces = groups.add_parser("workspace", help="workspaces on QEMU or Tart").add_subparsers(
         dest="command", required=True, parser_class=_Parser

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rockpool.cache import CachePlan
 from rockpool.progress import Reporter
 from rockpool.spec import ImageSpec
 from rockpool.store import Store
@@ -54,10 +55,14 @@ class BuildContext:
     ca_bundle: Path | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
+    # The digest of the disk stage's inputs; the disk's ids derive from it, so that a
+    # change to the outputs alone (a new format) keeps the disk.
+    disk_key: str | None = None
+    cache_plan: CachePlan | None = None
 
     @property
     def identity(self) -> DiskIdentity:
-        return DiskIdentity.derive(self.input_digest)
+        return DiskIdentity.derive(self.disk_key or self.input_digest)
 
     @property
     def root(self) -> Path:
@@ -70,6 +75,11 @@ class BuildContext:
     @property
     def outputs_dir(self) -> Path:
         return self.work / "version"
+
+    @property
+    def listing(self) -> Path:
+        """The root filesystem's file listing (rootfs.LISTING), for `image diff`."""
+        return self.work / "rootfs.json.gz"
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

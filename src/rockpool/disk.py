@@ -7,12 +7,16 @@ then an ext4 root that fills the rest and grows with the disk on first boot.
 
 from __future__ import annotations
 
+import datetime as dt
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rockpool.command import clean_environment, run
 from rockpool.context import BuildContext
 from rockpool.errors import RockpoolError
+from rockpool.rootfs import write_listing
 
 MIB = 1 << 20
 ESP_SIZE = 256 * MIB
@@ -103,6 +107,7 @@ def build_esp(ctx: BuildContext, esp: Path) -> None:
         "linux /vmlinuz\ninitrd /initrd.img\n"
         f"options {kernel_command_line(ctx)}\n"
     )
+    clamp_mtimes(staging, ctx.source_date_epoch)
     env = clean_environment(
         {"SOURCE_DATE_EPOCH": str(ctx.source_date_epoch), "MTOOLS_SKIP_CHECK": "1"}
     )
@@ -130,14 +135,24 @@ def build_esp(ctx: BuildContext, esp: Path) -> None:
         (staging / "loader.conf", "::/loader/loader.conf"),
         (staging / "rockpool.conf", "::/loader/entries/rockpool.conf"),
     ):
-        run(["mcopy", "-i", esp, source, target], env=env)
+        # -m keeps the (clamped) mtime instead of stamping the time of the build.
+        run(["mcopy", "-m", "-i", esp, source, target], env=env)
     ctx.facts["kernel"] = kernel.name.removeprefix("vmlinuz-")
 
 
 def assemble_disk(ctx: BuildContext) -> None:
+    write_boot_config(ctx)
+    clamp_mtimes(ctx.root, ctx.source_date_epoch)
+    # The file listing (for `image diff`) reads the tree on the second core meanwhile.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        listed = pool.submit(write_listing, ctx.root, ctx.listing)
+        write_disk(ctx)
+        listed.result()
+
+
+def write_disk(ctx: BuildContext) -> None:
     spec, identity = ctx.spec, ctx.identity
     esp = ctx.work / "esp.img"
-    write_boot_config(ctx)
     build_esp(ctx, esp)
 
     root_start = MIB + ESP_SIZE
@@ -195,6 +210,7 @@ def assemble_disk(ctx: BuildContext) -> None:
         ],
         env=env,
     )
+    pin_inode_times(ctx.disk, root_start, ctx.source_date_epoch)
     ctx.facts["disk"] = {
         "virtual_size": spec.disk_size,
         "esp_size": ESP_SIZE,
@@ -203,6 +219,68 @@ def assemble_disk(ctx: BuildContext) -> None:
         "root_used_bytes": root_used_bytes(ctx.disk, root_start),
         "kernel_command_line": kernel_command_line(ctx),
     }
+
+
+def clamp_mtimes(tree: Path, epoch: int) -> None:
+    """No file in the image is newer than SOURCE_DATE_EPOCH: what the build itself wrote
+    (setup.sh's files, the initramfs, npm's directories) would otherwise carry its time."""
+    for directory, subdirs, files in os.walk(tree):
+        for name in (*subdirs, *files):
+            path = os.path.join(directory, name)
+            stat = os.lstat(path)
+            if stat.st_mtime > epoch:
+                os.utime(path, (epoch, epoch), follow_symlinks=False)
+    if os.lstat(tree).st_mtime > epoch:
+        os.utime(tree, (epoch, epoch))
+
+
+# Inodes mke2fs fills from the source tree: the root directory and everything from 11 on
+# (1 and 3-10 are reserved and stay zero).
+_FIRST_TREE_INODE = 11
+_ROOT_INODE = 2
+
+
+def used_inodes(disk: Path, offset: int) -> list[int]:
+    """The inode numbers in use, from dumpe2fs's per-group free-inode ranges."""
+    report = run(["dumpe2fs", f"{disk}?offset={offset}"], capture=True).stdout
+    per_group = re.search(r"^Inodes per group:\s+(\d+)", report, re.MULTILINE)
+    if per_group is None:
+        raise RockpoolError(f"dumpe2fs of {disk} reported no 'Inodes per group'")
+    size = int(per_group.group(1))
+    used: list[int] = []
+    for group, free_list in enumerate(re.findall(r"^\s+Free inodes: ?(.*)$", report, re.MULTILINE)):
+        free: set[int] = set()
+        for item in filter(None, (part.strip() for part in free_list.split(","))):
+            low, _, high = item.partition("-")
+            free.update(range(int(low), int(high or low) + 1))
+        first = group * size + 1
+        used.extend(n for n in range(first, first + size) if n not in free)
+    return used
+
+
+def pin_inode_times(disk: Path, offset: int, epoch: int) -> None:
+    """Set every inode's ctime and atime to SOURCE_DATE_EPOCH.
+
+    e2fsprogs 1.47.0 (Debian 12 hosts) copies them from the source tree, where ctime is
+    always the time the file was written; 1.47.1 and later clamp them already.
+    """
+    inodes = [n for n in used_inodes(disk, offset) if n == _ROOT_INODE or n >= _FIRST_TREE_INODE]
+    commands = "".join(
+        f"sif <{inode}> {field} @{epoch}\n" for inode in inodes for field in ("ctime", "atime")
+    )
+    # debugfs stamps the superblock's last write time with the clock (it ignores
+    # E2FSPROGS_FAKE_TIME), so it runs with the clock stopped at the epoch.
+    stopped_clock = dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    # debugfs exits 0 even when a command fails; anything past its banner is an error.
+    result = run(
+        ["faketime", stopped_clock, "debugfs", "-w", "-f", "-", f"{disk}?offset={offset}"],
+        env=clean_environment({"TZ": "UTC"}),
+        input_bytes=commands.encode(),
+        capture=True,
+    )
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("debugfs ")]
+    if errors:
+        raise RockpoolError(f"debugfs could not pin inode times in {disk}: {errors[-1]}")
 
 
 def root_used_bytes(disk: Path, offset: int) -> int:

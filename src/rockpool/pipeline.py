@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -20,14 +21,16 @@ from typing import Any
 
 import rockpool
 from rockpool import host
-from rockpool.bootstrap import bootstrap
+from rockpool.bootstrap import bootstrap, bootstrap_packages
+from rockpool.cache import CachePlan, StageCache, StageKeys, configured_max_bytes, link_tree
 from rockpool.context import BuildContext
 from rockpool.disk import assemble_disk
 from rockpool.errors import CommandFailed, InvalidInput, RockpoolError
 from rockpool.formats import OutputFormat, output_format
-from rockpool.preflight import preflight
+from rockpool.preflight import archive_epoch, preflight
 from rockpool.progress import Reporter
-from rockpool.provision import provision
+from rockpool.provision import provision, setup_variables
+from rockpool.rootfs import LISTING, restore, snapshot
 from rockpool.spec import ImageSpec, spec_digest
 from rockpool.store import Store, Version
 
@@ -35,8 +38,15 @@ log = logging.getLogger("rockpool.pipeline")
 
 LOGS_KEPT = 20
 _HASH_CHUNK = 8 << 20
-# The modules whose code shapes the image: a change to any of them is a new input.
-_PIPELINE_MODULES = ("bootstrap.py", "provision.py", "disk.py", "formats/*.py")
+# The modules whose code shapes each stage's result: a change to one is a new input.
+STAGE_MODULES = {
+    "bootstrap": ("bootstrap.py",),
+    "provision": ("provision.py",),
+    "disk": ("disk.py", "rootfs.py"),
+    "formats": ("formats/*.py",),
+}
+_PIPELINE_MODULES = tuple(pattern for patterns in STAGE_MODULES.values() for pattern in patterns)
+ROOT_TARBALL = "root.tar"
 
 
 @dataclass(frozen=True)
@@ -57,11 +67,46 @@ class BuildResult:
         }
 
 
-def input_digest(spec: ImageSpec) -> str:
+def _module_digests(patterns: Sequence[str]) -> list[str]:
     package_dir = Path(rockpool.__file__).parent
-    modules = sorted(path for pattern in _PIPELINE_MODULES for path in package_dir.glob(pattern))
-    code = [hashlib.sha256(module.read_bytes()).hexdigest() for module in modules]
-    return spec_digest(spec, *code)
+    modules = sorted(path for pattern in patterns for path in package_dir.glob(pattern))
+    return [hashlib.sha256(module.read_bytes()).hexdigest() for module in modules]
+
+
+def input_digest(spec: ImageSpec) -> str:
+    return spec_digest(spec, *_module_digests(_PIPELINE_MODULES))
+
+
+def _digest(stage: str, **inputs: Any) -> str:
+    payload = {"stage": stage, "code": _module_digests(STAGE_MODULES[stage]), **inputs}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def stage_keys(ctx: BuildContext) -> StageKeys:
+    """Each stage's inputs, chained: a change reaches the stage it affects and those after."""
+    spec = ctx.spec
+    bootstrap_key = _digest(
+        "bootstrap",
+        architecture=spec.architecture,
+        suite=spec.suite,
+        mirrors=[spec.mirror, spec.security_mirror],
+        packages=bootstrap_packages(ctx),
+        source_date_epoch=ctx.source_date_epoch,
+    )
+    provision_key = _digest(
+        "provision",
+        after=bootstrap_key,
+        setup_script=hashlib.sha256(spec.setup_script.read_bytes()).hexdigest(),
+        variables=setup_variables(spec),
+    )
+    disk_key = _digest(
+        "disk", after=provision_key, name=spec.name, suite=spec.suite, size=spec.disk_size
+    )
+    formats = {
+        name: _digest("formats", after=disk_key, format=name, cpus=spec.cpus, memory=spec.memory)
+        for name in spec.formats
+    }
+    return StageKeys(bootstrap_key, provision_key, disk_key, formats)
 
 
 def default_ca_bundle() -> Path | None:
@@ -82,10 +127,10 @@ def checked_ca_bundle(path: Path) -> Path:
     return path
 
 
-def source_date_epoch() -> int:
+def source_date_epoch_override() -> int | None:
     value = os.environ.get("SOURCE_DATE_EPOCH")
     if value is None:
-        return int(time.time())
+        return None
     if not value.isdigit():
         raise InvalidInput(f"SOURCE_DATE_EPOCH must be a Unix time in seconds, not '{value}'")
     return int(value)
@@ -138,13 +183,31 @@ def write_formats(ctx: BuildContext, backends: Mapping[str, OutputFormat] | None
     out = ctx.outputs_dir
     out.mkdir()
     outputs: dict[str, Any] = {}
+    plan = ctx.cache_plan
     # Hash the raw disk on the second core while the formats are written.
     with ThreadPoolExecutor(max_workers=1) as pool:
         raw_digest = pool.submit(sha256_file, ctx.disk)
         for name in ctx.spec.formats:
+            key = plan.keys.formats[name] if plan is not None else None
+            entry = plan.cache.get("formats", key) if plan and plan.read and key else None
+            if entry is not None:
+                file_name = str(entry.facts["file"])
+                link_tree(entry.file(file_name), out / file_name)
+                outputs[name] = {"file": file_name}
+                _record(ctx, f"formats/{name}", "cached")
+                continue
             backend = (backends or {}).get(name) or output_format(name)
             written = backend.write(ctx, ctx.disk, out)
             outputs[name] = {"file": written.path.name}
+            if plan is not None and key is not None:
+                plan.cache.put(
+                    "formats",
+                    key,
+                    {written.path.name: written.path},
+                    {"file": written.path.name, "format": name},
+                    scratch=ctx.work,
+                )
+                _record(ctx, f"formats/{name}", "built")
         disk = ctx.disk.stat()
         known = {(disk.st_dev, disk.st_ino): raw_digest.result()}
         for entry in outputs.values():
@@ -164,6 +227,8 @@ def land(ctx: BuildContext, started: float) -> Version:
         "".join(f"{n}:{o['sha256']}" for n, o in sorted(outputs.items())).encode()
     ).hexdigest()[:12]
     shutil.copyfile(ctx.log_path, ctx.outputs_dir / "build.log")
+    if ctx.listing.is_file():
+        shutil.copyfile(ctx.listing, ctx.outputs_dir / LISTING)
     manifest = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "rockpool_version": rockpool.__version__,
@@ -178,6 +243,7 @@ def land(ctx: BuildContext, started: float) -> Version:
         "kernel": ctx.facts.get("kernel"),
         "disk": ctx.facts.get("disk", {}),
         "outputs": outputs,
+        "stages": ctx.facts.get("stages", {}),
         "stage_seconds": ctx.stage_seconds,
         "build_seconds": round(time.monotonic() - started, 1),
     }
@@ -185,11 +251,80 @@ def land(ctx: BuildContext, started: float) -> Version:
 
 
 Stage = Callable[[BuildContext], None]
+
+
+def _record(ctx: BuildContext, stage: str, result: str) -> None:
+    """What a stage did: "built", "cached" (restored from the stage cache) or "skipped"
+    (a later stage's cached result already holds its work)."""
+    ctx.facts.setdefault("stages", {})[stage] = result
+    if result != "built":
+        ctx.reporter.info(f"{stage}: {result}")
+
+
+def _plan(ctx: BuildContext) -> CachePlan:
+    assert ctx.cache_plan is not None, "the mmdebstrap stages run with a cache plan"
+    return ctx.cache_plan
+
+
+def cached_preflight(ctx: BuildContext) -> None:
+    if _plan(ctx).covered("preflight"):
+        _record(ctx, "preflight", "skipped")
+        return
+    preflight(ctx)
+    _record(ctx, "preflight", "built")
+
+
+def _root_stage(ctx: BuildContext, name: str, work: Stage) -> None:
+    """bootstrap or provision: restore the root from the cache, or do the work and keep
+    the root's snapshot for the next build."""
+    plan = _plan(ctx)
+    if plan.covered(name):
+        _record(ctx, name, "skipped")
+        return
+    entry = plan.restores(name)
+    if entry is not None:
+        restore(entry.file(ROOT_TARBALL), ctx.root)
+        ctx.facts.update(entry.facts)
+        _record(ctx, name, "cached")
+        return
+    work(ctx)
+    tarball = ctx.work / f"{name}.tar"
+    snapshot(ctx.root, tarball)
+    facts = {"packages": ctx.facts["packages"]} if name == "provision" else {}
+    plan.cache.put(name, plan.keys.of(name), {ROOT_TARBALL: tarball}, facts, scratch=ctx.work)
+    tarball.unlink()
+    _record(ctx, name, "built")
+
+
+def cached_bootstrap(ctx: BuildContext) -> None:
+    _root_stage(ctx, "bootstrap", bootstrap)
+
+
+def cached_provision(ctx: BuildContext) -> None:
+    _root_stage(ctx, "provision", provision)
+
+
+def cached_disk(ctx: BuildContext) -> None:
+    plan = _plan(ctx)
+    entry = plan.restores("disk")
+    if entry is not None:
+        link_tree(entry.file(ctx.disk.name), ctx.disk)
+        link_tree(entry.file(LISTING), ctx.listing)
+        ctx.facts.update(entry.facts)
+        _record(ctx, "disk", "cached")
+        return
+    assemble_disk(ctx)
+    facts = {key: ctx.facts[key] for key in ("packages", "kernel", "disk")}
+    files = {ctx.disk.name: ctx.disk, LISTING: ctx.listing}
+    plan.cache.put("disk", plan.keys.disk, files, facts, scratch=ctx.work)
+    _record(ctx, "disk", "built")
+
+
 STAGES: list[tuple[str, Stage]] = [
-    ("preflight", preflight),
-    ("bootstrap", bootstrap),
-    ("provision", provision),
-    ("disk", assemble_disk),
+    ("preflight", cached_preflight),
+    ("bootstrap", cached_bootstrap),
+    ("provision", cached_provision),
+    ("disk", cached_disk),
     ("formats", write_formats),
 ]
 
@@ -218,9 +353,22 @@ def build(
     host.require_root("building an image")
     host.require(host.BUILD_TOOLS, "building an image")
     bundle = checked_ca_bundle(ca_bundle) if ca_bundle else default_ca_bundle()
-    return run_build(
-        spec, store, reporter, STAGES, digest=input_digest(spec), force=force, ca_bundle=bundle
+    cache = StageCache.of_store(store.root)
+    max_bytes = configured_max_bytes()
+    result = run_build(
+        spec,
+        store,
+        reporter,
+        STAGES,
+        digest=input_digest(spec),
+        force=force,
+        ca_bundle=bundle,
+        epoch=lambda: archive_epoch(spec, bundle),
+        cache=cache,
     )
+    for entry in cache.prune(max_bytes):
+        log.info("cache: pruned %s %s (over %d bytes)", entry.stage, entry.key, max_bytes)
+    return result
 
 
 def run_build(
@@ -232,10 +380,16 @@ def run_build(
     digest: str,
     force: bool,
     ca_bundle: Path | None = None,
+    epoch: Callable[[], int] = lambda: int(time.time()),
+    cache: StageCache | None = None,
 ) -> BuildResult:
     """Reuse the version built from the same inputs, or run the stages in a staging
-    directory, each timed and logged, and land what they wrote in the store."""
-    epoch = source_date_epoch()
+    directory, each timed and logged, and land what they wrote in the store.
+
+    epoch gives the build's SOURCE_DATE_EPOCH unless the environment sets one. With a
+    cache, each stage starts from the latest cached result its inputs allow; force
+    ignores both the stored version and the cache."""
+    override = source_date_epoch_override()
     store.repair_latest(spec.name)
     if not force:
         existing = store.find_by_input(spec.name, digest)
@@ -256,11 +410,16 @@ def run_build(
                 work=work,
                 reporter=reporter,
                 input_digest=digest,
-                source_date_epoch=epoch,
+                source_date_epoch=override if override is not None else epoch(),
                 log_path=log_path,
                 ca_bundle=ca_bundle,
             )
             log.info("building %s from %s (input %s) in %s", spec.name, spec.path, digest, work)
+            if cache is not None:
+                keys = stage_keys(ctx)
+                ctx.disk_key = keys.disk
+                ctx.cache_plan = CachePlan(cache, keys, read=not force)
+                ctx.cache_plan.find_start()
             # Load every format backend now: a build runs for up to an hour and a half,
             # and must not import code that was changed on disk meanwhile.
             for name in spec.formats:

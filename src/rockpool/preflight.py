@@ -6,16 +6,19 @@ code-server (for this Node.js major) and a Node.js build of that major.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import re
 import ssl
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from rockpool.context import BuildContext
 from rockpool.errors import ExitCode, InvalidInput, RockpoolError
+from rockpool.spec import ImageSpec
 
 log = logging.getLogger("rockpool.preflight")
 TIMEOUT = 30
@@ -26,8 +29,8 @@ class RegistryUnreachable(RockpoolError):
     exit_code = ExitCode.COMMAND_FAILED
 
 
-def _fetch(ctx: BuildContext, url: str, accept: str = "application/json") -> bytes:
-    context = ssl.create_default_context(cafile=str(ctx.ca_bundle) if ctx.ca_bundle else None)
+def fetch(url: str, ca_bundle: Path | None, accept: str = "application/json") -> bytes:
+    context = ssl.create_default_context(cafile=str(ca_bundle) if ca_bundle else None)
     request = urllib.request.Request(url, headers={"Accept": accept})
     log.info("GET %s", url)
     try:
@@ -46,7 +49,7 @@ def _fetch(ctx: BuildContext, url: str, accept: str = "application/json") -> byt
 
 
 def _json(ctx: BuildContext, url: str, accept: str = "application/json") -> Any:
-    body = _fetch(ctx, url, accept)
+    body = fetch(url, ctx.ca_bundle, accept)
     try:
         return json.loads(body)
     except ValueError:
@@ -85,14 +88,38 @@ def check_code_server(ctx: BuildContext, version: str) -> None:
         )
 
 
-def preflight(ctx: BuildContext) -> None:
-    spec = ctx.spec
+def release_date(mirror: str, suite: str, ca_bundle: Path | None) -> int:
+    """The Date of a suite's Release file, in Unix seconds."""
+    body = fetch(f"{mirror.rstrip('/')}/dists/{suite}/Release", ca_bundle, "*/*")
+    found = re.search(rb"^Date: (.+)$", body, re.MULTILINE)
+    if found is None:
+        raise RegistryUnreachable(f"{mirror} dists/{suite}/Release has no Date field")
+    return int(email.utils.parsedate_to_datetime(found.group(1).decode()).timestamp())
+
+
+def archive_epoch(spec: ImageSpec, ca_bundle: Path | None) -> int:
+    """The archive state the build installs from, as a time: the newest of the suite's
+    Release dates. It is the build's SOURCE_DATE_EPOCH, so the same archive state gives
+    the same image, and a clock never enters it."""
     try:
-        _fetch(ctx, f"{spec.mirror.rstrip('/')}/dists/{spec.suite}/Release", "*/*")
+        dates = [release_date(spec.mirror, spec.suite, ca_bundle)]
     except FileNotFoundError:
         raise InvalidInput(
             f"{spec.path}: debian.mirror {spec.mirror} has no suite '{spec.suite}'"
         ) from None
+    for mirror, suite in (
+        (spec.mirror, f"{spec.suite}-updates"),
+        (spec.security_mirror, f"{spec.suite}-security"),
+    ):
+        try:
+            dates.append(release_date(mirror, suite, ca_bundle))
+        except FileNotFoundError:
+            raise InvalidInput(f"{spec.path}: {mirror} has no suite '{suite}'") from None
+    return max(dates)
+
+
+def preflight(ctx: BuildContext) -> None:
+    spec = ctx.spec
     registry = spec.npm_registry
     if spec.code_server_version is not None:
         check_code_server(ctx, spec.code_server_version)

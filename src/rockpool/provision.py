@@ -66,7 +66,14 @@ def setup_variables(spec: ImageSpec) -> dict[str, str]:
 
 def setup_environment(ctx: BuildContext) -> dict[str, str]:
     """What setup.sh sees in the root: its settings, plus registry access for this run only."""
-    env = {"PATH": CLEAN_PATH, "HOME": "/root", "LANG": "C.UTF-8", **setup_variables(ctx.spec)}
+    env = {
+        "PATH": CLEAN_PATH,
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        # useradd's password-change date, the initramfs and npm's builds honour it.
+        "SOURCE_DATE_EPOCH": str(ctx.source_date_epoch),
+        **setup_variables(ctx.spec),
+    }
     if ctx.ca_bundle is not None:
         env.update(_ca_variables(f"{BUILD_RUN}/ca.pem"))
     env.update({name: os.environ[name] for name in PROXY_VARIABLES if name in os.environ})

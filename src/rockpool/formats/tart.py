@@ -44,7 +44,7 @@ def tart_config(ctx: BuildContext) -> dict[str, Any]:
         "cpuCount": spec.cpus,
         "memorySizeMin": spec.memory,
         "memorySize": spec.memory,
-        "macAddress": mac_address(ctx.input_digest),
+        "macAddress": mac_address(ctx.disk_key or ctx.input_digest),
         "display": DISPLAY,
         "diskFormat": "raw",
     }

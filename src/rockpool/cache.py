@@ -1,0 +1,346 @@
+"""The stage cache: each stage's result, kept under the digest of its exact inputs.
+
+Layout under the store root:
+    cache/STAGE/KEY/entry.json   what the entry holds: each file's size and digest,
+                                 and the facts the stage recorded
+    cache/STAGE/KEY/FILE...      the stage's result (a root tarball, a disk, an output)
+
+An entry is assembled in the build's staging directory and made visible in one rename,
+so a reader never sees half of one. Every file is checked against entry.json before
+use; an entry that fails the check is deleted and its stage runs again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rockpool.errors import InvalidInput
+from rockpool.store import fsync_directory, write_json_atomic
+from rockpool.units import parse_size
+
+log = logging.getLogger("rockpool.cache")
+
+ENTRY = "entry.json"
+ENTRY_SCHEMA = 1
+DEFAULT_MAX_BYTES = 40 << 30
+_CHUNK = 8 << 20
+
+
+def sparse_digest(path: Path) -> str:
+    """sha256 over a file's size and its data extents: as sure as a full digest for
+    spotting damage, but a 20 GB sparse disk costs only its allocated bytes."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(f"size {size}\n".encode())
+    with open(path, "rb") as handle:
+        fd = handle.fileno()
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole remains
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            digest.update(f"extent {start}\n".encode())
+            handle.seek(start)
+            remaining = end - start
+            while remaining > 0:
+                chunk = handle.read(min(_CHUNK, remaining))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                remaining -= len(chunk)
+            offset = end
+    return digest.hexdigest()
+
+
+def allocated_bytes(path: Path) -> int:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(f.stat().st_blocks * 512 for f in files)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    stage: str
+    key: str
+    path: Path
+    files: dict[str, dict[str, Any]]
+    facts: dict[str, Any]
+    created: str
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def last_used(self) -> float:
+        return self.path.stat().st_mtime
+
+    @property
+    def allocated(self) -> int:
+        return allocated_bytes(self.path)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "key": self.key,
+            "path": str(self.path),
+            "created": self.created,
+            "last_used": dt.datetime.fromtimestamp(self.last_used, dt.UTC).isoformat(
+                timespec="seconds"
+            ),
+            "allocated": self.allocated,
+            "files": self.files,
+        }
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Hard-link a file, or every file below a directory, to target (same filesystem)."""
+    if source.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(source, target)
+        return
+    for member in sorted(source.rglob("*")):
+        destination = target / member.relative_to(source)
+        if member.is_dir():
+            destination.mkdir(parents=True, exist_ok=True)
+        else:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.link(member, destination)
+
+
+def _member_files(path: Path, name: str) -> dict[str, Path]:
+    if path.is_file():
+        return {name: path}
+    return {
+        f"{name}/{member.relative_to(path).as_posix()}": member
+        for member in sorted(path.rglob("*"))
+        if member.is_file()
+    }
+
+
+class StageCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def of_store(cls, store_root: Path) -> StageCache:
+        return cls(store_root / "cache")
+
+    def _entry_dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def _read(self, path: Path) -> CacheEntry:
+        data = json.loads((path / ENTRY).read_text(encoding="utf-8"))
+        return CacheEntry(
+            stage=data["stage"],
+            key=data["key"],
+            path=path,
+            files=data["files"],
+            facts=data.get("facts", {}),
+            created=data["created"],
+        )
+
+    def _damage(self, entry: CacheEntry) -> str | None:
+        """What is wrong with an entry's files, or None when each matches its record."""
+        for name, record in entry.files.items():
+            member = entry.file(name)
+            if not member.is_file():
+                return f"{name} is missing"
+            if member.stat().st_size != record["size"]:
+                return f"{name} has {member.stat().st_size} bytes, not {record['size']}"
+            if sparse_digest(member) != record["digest"]:
+                return f"{name} does not match its digest"
+        return None
+
+    def get(self, stage: str, key: str) -> CacheEntry | None:
+        """The verified entry for key, or None; a damaged entry is removed."""
+        path = self._entry_dir(stage, key)
+        if not path.is_dir():
+            return None
+        try:
+            entry = self._read(path)
+            problem = self._damage(entry)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problem = f"unreadable {ENTRY} ({exc})"
+        if problem is not None:
+            log.warning("cache: %s entry %s is damaged (%s); rebuilding it", stage, key, problem)
+            self.remove_path(path)
+            return None
+        os.utime(path)  # last use, for pruning
+        log.info("cache: %s hit %s", stage, key)
+        return entry
+
+    def put(
+        self,
+        stage: str,
+        key: str,
+        files: Mapping[str, Path],
+        facts: Mapping[str, Any],
+        *,
+        scratch: Path,
+    ) -> CacheEntry:
+        """Store files (hard links; a directory counts as its files) under key.
+
+        scratch is a directory on the cache's filesystem (the build's staging directory)
+        where the entry is assembled before its one rename into the cache.
+        """
+        assembling = scratch / f"cache-{stage}-{uuid.uuid4().hex[:8]}"
+        assembling.mkdir()
+        records: dict[str, dict[str, Any]] = {}
+        for name, source in files.items():
+            link_tree(source, assembling / name)
+            for member_name, member in _member_files(assembling / name, name).items():
+                records[member_name] = {
+                    "size": member.stat().st_size,
+                    "digest": sparse_digest(member),
+                }
+        write_json_atomic(
+            assembling / ENTRY,
+            {
+                "schema": ENTRY_SCHEMA,
+                "stage": stage,
+                "key": key,
+                "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "files": records,
+                "facts": dict(facts),
+            },
+        )
+        for member in assembling.rglob("*"):
+            if member.is_file():
+                with open(member, "rb") as handle:
+                    os.fsync(handle.fileno())
+        target = self._entry_dir(stage, key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(assembling, target)
+        except OSError:  # another build stored the same key first; theirs is as good
+            shutil.rmtree(assembling, ignore_errors=True)
+        else:
+            fsync_directory(target.parent)
+        log.info("cache: %s stored %s", stage, key)
+        return self._read(target)
+
+    def entries(self) -> list[CacheEntry]:
+        found: list[CacheEntry] = []
+        if not self.root.is_dir():
+            return found
+        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for path in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
+                try:
+                    found.append(self._read(path))
+                except (OSError, ValueError, KeyError, TypeError):
+                    log.warning("cache: removing unreadable entry %s", path)
+                    self.remove_path(path)
+        return found
+
+    def remove_path(self, path: Path) -> None:
+        """Out of view in one rename, then deleted."""
+        trash = path.with_name(f".removed-{path.name}-{uuid.uuid4().hex[:6]}")
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def prune(self, max_bytes: int, *, stage: str | None = None) -> list[CacheEntry]:
+        """Remove least recently used entries until the cache holds at most max_bytes.
+
+        max_bytes 0 empties it (or one stage's entries)."""
+        self._sweep_trash()
+        everything = self.entries()
+        sizes = {e.path: e.allocated for e in everything}
+        total = sum(sizes.values())
+        removed: list[CacheEntry] = []
+        candidates = [e for e in everything if stage is None or e.stage == stage]
+        for entry in sorted(candidates, key=lambda e: e.last_used):
+            if total <= max_bytes:
+                break
+            self.remove_path(entry.path)
+            total -= sizes[entry.path]
+            removed.append(entry)
+        return removed
+
+    def _sweep_trash(self) -> None:
+        """Entries a killed prune left half-deleted (renamed out of view, older than
+        a minute so a concurrent removal is not raced)."""
+        if not self.root.is_dir():
+            return
+        for trash in self.root.glob("*/.removed-*"):
+            if time.time() - trash.stat().st_mtime > 60:
+                shutil.rmtree(trash, ignore_errors=True)
+
+
+MAX_SIZE_VARIABLE = "ROCKPOOL_CACHE_MAX_SIZE"
+
+
+def parse_max_size(text: str, source: str = "--max-size") -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise InvalidInput(f"{source}: {exc}", hint=f"e.g. {source}=20G") from None
+
+
+def configured_max_bytes() -> int:
+    """The bound every build prunes the cache to: $ROCKPOOL_CACHE_MAX_SIZE, else 40G."""
+    value = os.environ.get(MAX_SIZE_VARIABLE)
+    return DEFAULT_MAX_BYTES if value is None else parse_max_size(value, MAX_SIZE_VARIABLE)
+
+
+# Stages whose results the cache keeps, in build order.
+CACHED_STAGES = ("bootstrap", "provision", "disk")
+
+
+@dataclass(frozen=True)
+class StageKeys:
+    """The digest of each stage's exact inputs, each including the one before it."""
+
+    bootstrap: str
+    provision: str
+    disk: str
+    formats: dict[str, str]
+
+    def of(self, stage: str) -> str:
+        key: str = getattr(self, stage)
+        return key
+
+
+@dataclass
+class CachePlan:
+    """Which stage's cached result the build starts from, and what each stage did."""
+
+    cache: StageCache
+    keys: StageKeys
+    read: bool  # False for --force: every stage runs, and refreshes its entry
+    start: CacheEntry | None = None  # the latest cached stage result to restore
+    results: dict[str, str] = field(default_factory=dict)
+
+    def find_start(self) -> None:
+        if not self.read:
+            return
+        for stage in reversed(CACHED_STAGES):
+            entry = self.cache.get(stage, self.keys.of(stage))
+            if entry is not None:
+                self.start = entry
+                return
+
+    def covered(self, stage: str) -> bool:
+        """The restored result already includes this stage's work."""
+        if self.start is None:
+            return False
+        # The preflight checks the registries the bootstrap and provisioning use.
+        stage = "bootstrap" if stage == "preflight" else stage
+        return CACHED_STAGES.index(stage) < CACHED_STAGES.index(self.start.stage)
+
+    def restores(self, stage: str) -> CacheEntry | None:
+        return self.start if self.start is not None and self.start.stage == stage else None
