@@ -19,6 +19,10 @@
 #   SETUP_NPM_MAJOR            npm major version installed beside Node (default: 11)
 #   SETUP_PACKAGES             space-separated Debian packages to install
 #   SETUP_NPM_REGISTRY         npm registry (default: https://registry.npmjs.org)
+# From a lock (rockpool image lock), exact versions and their sha512 integrity; each
+# download is checked against the locked integrity instead of the registry's:
+#   SETUP_NODE_VERSION, SETUP_NODE_INTEGRITY, SETUP_NPM_VERSION, SETUP_NPM_INTEGRITY,
+#   SETUP_CODE_SERVER_INTEGRITY
 # `setup.sh --print-packages` prints the Debian packages it would install, and exits.
 # Registry access through a TLS-intercepting proxy: set SSL_CERT_FILE (and the usual
 # proxy variables) for this run only; nothing of them is written into the system.
@@ -32,6 +36,11 @@ SETUP_NPM_MAJOR=${SETUP_NPM_MAJOR:-11}
 SETUP_PACKAGES=${SETUP_PACKAGES:-}
 SETUP_NPM_REGISTRY=${SETUP_NPM_REGISTRY:-https://registry.npmjs.org}
 SETUP_NPM_REGISTRY=${SETUP_NPM_REGISTRY%/}
+SETUP_NODE_VERSION=${SETUP_NODE_VERSION:-}
+SETUP_NODE_INTEGRITY=${SETUP_NODE_INTEGRITY:-}
+SETUP_NPM_VERSION=${SETUP_NPM_VERSION:-}
+SETUP_NPM_INTEGRITY=${SETUP_NPM_INTEGRITY:-}
+SETUP_CODE_SERVER_INTEGRITY=${SETUP_CODE_SERVER_INTEGRITY:-}
 export DEBIAN_FRONTEND=noninteractive
 
 # What the init contract and this script themselves need, whatever the spec says.
@@ -87,8 +96,8 @@ install_packages() {
 # ---- Node.js and npm from the npm registry ------------------------------------------
 # Downloads go to files and are checked against the registry's sha512 integrity before
 # anything is unpacked; nothing is ever piped into a shell.
-fetch_verified() { # name version-jq-filter output -> prints the version fetched
-  local name=$1 filter=$2 out=$3 meta version tarball integrity expected actual
+fetch_verified() { # name version-jq-filter output [locked-integrity] -> prints the version
+  local name=$1 filter=$2 out=$3 locked=${4:-} meta version tarball integrity expected actual
   meta="$WORK/$name.json"
   curl -fsSL --retry 3 -H 'Accept: application/vnd.npm.install-v1+json' \
     -o "$meta" "$SETUP_NPM_REGISTRY/$name"
@@ -96,6 +105,10 @@ fetch_verified() { # name version-jq-filter output -> prints the version fetched
   [ -n "$version" ] && [ "$version" != null ] || die "no matching version of $name in $SETUP_NPM_REGISTRY"
   tarball=$(jq -r --arg v "$version" '.versions[$v].dist.tarball' "$meta")
   integrity=$(jq -r --arg v "$version" '.versions[$v].dist.integrity' "$meta")
+  if [ -n "$locked" ]; then
+    [ "$integrity" = "$locked" ] || die "$name@$version: the registry's integrity differs from the lock's"
+    integrity=$locked
+  fi
   [[ $integrity == sha512-* ]] || die "$name@$version has no sha512 integrity in the registry"
   curl -fsSL --retry 3 -o "$out" "$tarball"
   expected=$(printf '%s' "${integrity#sha512-}" | base64 -d | od -An -v -tx1 | tr -d ' \n')
@@ -108,12 +121,18 @@ newest_of_major() { # jq filter: newest plain release with the given major
   printf '[.versions | keys[] | select(test("^%s\\\\.[0-9]+\\\\.[0-9]+$"))] | sort_by(split(".") | map(tonumber)) | last' "$1"
 }
 
+version_filter() { # locked-version major -> jq filter: the locked version, else the newest of major
+  if [ -n "$1" ]; then printf '"%s"' "$1"; else newest_of_major "$2"; fi
+}
+
 install_node() {
-  if command -v node >/dev/null && [[ $(node --version) == "v$SETUP_NODE_MAJOR".* ]]; then
+  local want_node="v${SETUP_NODE_VERSION:-$SETUP_NODE_MAJOR.}"
+  if command -v node >/dev/null && [[ $(node --version) == "$want_node"* ]]; then
     say "Node.js: $(node --version) present"
   else
     local version
-    version=$(fetch_verified "node-linux-$NODE_ARCH" "$(newest_of_major "$SETUP_NODE_MAJOR")" "$WORK/node.tgz")
+    version=$(fetch_verified "node-linux-$NODE_ARCH" "$(version_filter "$SETUP_NODE_VERSION" "$SETUP_NODE_MAJOR")" \
+      "$WORK/node.tgz" "$SETUP_NODE_INTEGRITY")
     say "Node.js: installing $version"
     tar -xzf "$WORK/node.tgz" -C "$WORK"
     install -m 0755 "$WORK/package/bin/node" /usr/local/bin/node
@@ -121,11 +140,13 @@ install_node() {
     mkdir -p /usr/local/include
     cp -a "$WORK/package/include/node" /usr/local/include/node
   fi
-  if command -v npm >/dev/null && [[ $(npm --version) == "$SETUP_NPM_MAJOR".* ]]; then
+  local want_npm="${SETUP_NPM_VERSION:-$SETUP_NPM_MAJOR.}"
+  if command -v npm >/dev/null && [[ $(npm --version) == "$want_npm"* ]]; then
     say "npm: $(npm --version) present"
   else
     local version
-    version=$(fetch_verified npm "$(newest_of_major "$SETUP_NPM_MAJOR")" "$WORK/npm.tgz")
+    version=$(fetch_verified npm "$(version_filter "$SETUP_NPM_VERSION" "$SETUP_NPM_MAJOR")" \
+      "$WORK/npm.tgz" "$SETUP_NPM_INTEGRITY")
     say "npm: installing $version"
     rm -rf /usr/local/lib/node_modules/npm "$WORK/package"
     mkdir -p /usr/local/lib/node_modules
@@ -154,13 +175,17 @@ install_code_server() {
     return
   fi
   say "code-server: installing $SETUP_CODE_SERVER_VERSION (compiles native modules; takes minutes)"
+  # The package itself is checked like Node.js; its npm-shrinkwrap.json files pin the
+  # rest of the tree, each package with its integrity, which npm checks.
+  fetch_verified code-server "\"$SETUP_CODE_SERVER_VERSION\"" "$WORK/code-server.tgz" \
+    "$SETUP_CODE_SERVER_INTEGRITY" >/dev/null
   # nodedir makes node-gyp use the headers installed above instead of downloading them.
   npm_config_nodedir=/usr/local npm_config_cache="$WORK/npm-cache" \
     npm_config_update_notifier=false npm_config_fund=false \
     npm install --global --no-audit --no-fund --loglevel=warn \
     --registry "$SETUP_NPM_REGISTRY/" \
     --allow-scripts=code-server,argon2 \
-    "code-server@$SETUP_CODE_SERVER_VERSION"
+    "$WORK/code-server.tgz"
   [ "$(code_server_version)" = "$SETUP_CODE_SERVER_VERSION" ] ||
     die "code-server $SETUP_CODE_SERVER_VERSION did not install"
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 from rockpool import host
@@ -10,6 +11,7 @@ from rockpool.command import clean_environment, contained, run
 from rockpool.context import BuildContext
 from rockpool.progress import Task
 from rockpool.provision import setup_variables
+from rockpool.spec import ImageSpec
 
 # What makes the root bootable; the spec's packages and setup.sh's own come on top.
 BOOT_PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "systemd-boot-efi")
@@ -60,36 +62,60 @@ def _bytes(number: str, unit: str) -> float:
     return float(number.replace(",", "")) * _UNITS[unit]
 
 
-def setup_script_packages(ctx: BuildContext) -> list[str]:
+def setup_script_packages(spec: ImageSpec) -> list[str]:
     """The packages setup.sh itself insists on; installed here in one apt run."""
     result = run(
-        ["bash", ctx.spec.setup_script, "--print-packages"],
-        env=clean_environment(setup_variables(ctx.spec)),
+        ["bash", spec.setup_script, "--print-packages"],
+        env=clean_environment(setup_variables(spec)),
         capture=True,
     )
     return result.stdout.split()
 
 
-def bootstrap_packages(ctx: BuildContext) -> list[str]:
+def bootstrap_packages(spec: ImageSpec) -> list[str]:
     """Everything the bootstrap installs, in one apt run."""
-    spec = ctx.spec
     return list(
         dict.fromkeys(
             [
                 *BOOT_PACKAGES,
                 KERNEL_PACKAGE[spec.architecture],
-                *setup_script_packages(ctx),
+                *setup_script_packages(spec),
                 *spec.packages,
             ]
         )
     )
 
 
+LOCK_PREFERENCES = "/etc/apt/preferences.d/rockpool-lock.pref"
+
+
+def lock_hooks(ctx: BuildContext) -> list[str]:
+    """With a lock, apt may pick only the locked versions, from the first package on;
+    the pins are gone before the root is provisioned."""
+    if ctx.lock is None:
+        return []
+    preferences = ctx.work / "rockpool-lock.pref"
+    preferences.write_text(ctx.lock.apt_preferences())
+    return [
+        f'--setup-hook=mkdir -p "$1/etc/apt/preferences.d" && '
+        f'cp {shlex.quote(str(preferences))} "$1{LOCK_PREFERENCES}"',
+        f'--customize-hook=rm -f "$1{LOCK_PREFERENCES}"',
+    ]
+
+
+def snapshot_options(spec: ImageSpec) -> list[str]:
+    """snapshot.debian.org serves old Release files whose Valid-Until has passed; apt
+    would refuse them. Only such mirrors get the check turned off."""
+    if any("snapshot." in mirror for mirror in (spec.mirror, spec.security_mirror)):
+        return ['--aptopt=Acquire::Check-Valid-Until "false"']
+    return []
+
+
 def bootstrap(ctx: BuildContext) -> None:
     host.require(host.BUILD_TOOLS, "building an image")
     spec = ctx.spec
     host.require_foreign_architecture(spec.architecture)
-    packages = bootstrap_packages(ctx)
+    packages = bootstrap_packages(spec)
     argv: list[str | Path] = [
         "mmdebstrap",
         "--mode=root",
@@ -98,6 +124,8 @@ def bootstrap(ctx: BuildContext) -> None:
         f"--architectures={spec.architecture}",
         f"--include={','.join(packages)}",
         *(f"--dpkgopt={option}" for option in DPKG_EXCLUDES),
+        *lock_hooks(ctx),
+        *snapshot_options(spec),
         spec.suite,
         ctx.root,
         # Security fixes and point updates from the start, and for `apt upgrade` later.

@@ -13,6 +13,7 @@ use; an entry that fails the check is deleted and its stage runs again.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -34,34 +35,50 @@ log = logging.getLogger("rockpool.cache")
 ENTRY = "entry.json"
 ENTRY_SCHEMA = 1
 DEFAULT_MAX_BYTES = 40 << 30
-_CHUNK = 8 << 20
+
+
+_BLOCK = 4 << 20
+
+
+def _data_blocks(fd: int, size: int) -> set[int]:
+    """Indexes of the _BLOCK-sized blocks that hold any data (not only holes)."""
+    blocks: set[int] = set()
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole remains
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        blocks.update(range(start // _BLOCK, (end - 1) // _BLOCK + 1))
+        offset = end
+    return blocks
+
+
+@functools.cache
+def _zero_block_digest(length: int) -> bytes:
+    return hashlib.sha256(bytes(length)).digest()
 
 
 def sparse_digest(path: Path) -> str:
-    """sha256 over a file's size and its data extents: as sure as a full digest for
-    spotting damage, but a 20 GB sparse disk costs only its allocated bytes."""
+    """A digest of a file's content that reads only its allocated blocks.
+
+    sha256 over the sha256 of each 4 MiB block, where a block without data counts as
+    zeros without being read. Where the filesystem puts holes does not matter, so a
+    20 GB sparse disk costs only its data.
+    """
     digest = hashlib.sha256()
     size = path.stat().st_size
     digest.update(f"size {size}\n".encode())
     with open(path, "rb") as handle:
-        fd = handle.fileno()
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole remains
-                break
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-            digest.update(f"extent {start}\n".encode())
-            handle.seek(start)
-            remaining = end - start
-            while remaining > 0:
-                chunk = handle.read(min(_CHUNK, remaining))
-                if not chunk:
-                    break
-                digest.update(chunk)
-                remaining -= len(chunk)
-            offset = end
+        data = _data_blocks(handle.fileno(), size)
+        for index in range((size + _BLOCK - 1) // _BLOCK):
+            length = min(_BLOCK, size - index * _BLOCK)
+            if index in data:
+                handle.seek(index * _BLOCK)
+                digest.update(hashlib.sha256(handle.read(length)).digest())
+            else:
+                digest.update(_zero_block_digest(length))
     return digest.hexdigest()
 
 
@@ -230,6 +247,18 @@ class StageCache:
             fsync_directory(target.parent)
         log.info("cache: %s stored %s", stage, key)
         return self._read(target)
+
+    def alias(self, stage: str, key: str, other_key: str, *, scratch: Path) -> None:
+        """File key's entry under other_key as well (hard links), if there is one."""
+        if key == other_key or self._entry_dir(stage, other_key).is_dir():
+            return
+        entry = self.get(stage, key)
+        if entry is None:
+            return
+        tops = {name.split("/", 1)[0] for name in entry.files}
+        self.put(
+            stage, other_key, {top: entry.file(top) for top in tops}, entry.facts, scratch=scratch
+        )
 
     def entries(self) -> list[CacheEntry]:
         found: list[CacheEntry] = []

@@ -67,8 +67,27 @@ def cmd_image_build(args: argparse.Namespace, reporter: Reporter) -> int:
             reporter,
             force=args.force,
             ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
+            use_lock=not args.no_lock,
         )
     _emit(args, result.to_json(), result.version.ref)
+    return 0
+
+
+def cmd_image_lock(args: argparse.Namespace, reporter: Reporter) -> int:
+    from rockpool.pipeline import lock_spec
+
+    spec = load_spec(Path(args.spec) if args.spec else default_spec_path())
+    path, result = lock_spec(
+        spec,
+        Store.default(),
+        reporter,
+        ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
+    )
+    _emit(
+        args,
+        {"lock": str(path), "architecture": spec.architecture, **result.to_json()},
+        f"wrote {path} ({spec.architecture}) from {result.version.ref}",
+    )
     return 0
 
 
@@ -415,7 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = image.add_parser("build", parents=[json_flag], help="build an image from a spec")
     p.add_argument("spec", nargs="?", help=f"default: {DEFAULT_SPEC}")
-    p.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild every stage, ignoring the stored version and the stage cache",
+    )
+    p.add_argument(
+        "--no-lock",
+        action="store_true",
+        help="ignore the spec's lock file: resolve against today's archive and registry",
+    )
     p.add_argument("--ca-bundle", help="CA bundle for registries (default: the host's)")
     p.add_argument(
         "--builder",
@@ -427,6 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--packer-base", metavar="IMAGE", help="the Tart VM or OCI image Packer starts from"
     )
     p.set_defaults(handler=cmd_image_build)
+    p = image.add_parser(
+        "lock",
+        parents=[json_flag],
+        help="resolve a spec to exact package versions and write its lock file beside it",
+    )
+    p.add_argument("spec", nargs="?", help=f"default: {DEFAULT_SPEC}")
+    p.add_argument("--ca-bundle", help="CA bundle for registries (default: the host's)")
+    p.set_defaults(handler=cmd_image_lock)
     p = image.add_parser("ls", parents=[json_flag], help="list stored image versions")
     p.add_argument("name", nargs="?")
     p.set_defaults(handler=cmd_image_ls)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.cache import CachePlan
+from rockpool.lock import Lock
 from rockpool.progress import Reporter
 from rockpool.spec import ImageSpec
 from rockpool.store import Store
@@ -29,9 +30,9 @@ class DiskIdentity:
     esp_volume_id: str
 
     @classmethod
-    def derive(cls, input_digest: str) -> DiskIdentity:
+    def derive(cls, seed: str) -> DiskIdentity:
         def derived(purpose: str) -> str:
-            return str(uuid.uuid5(uuid.NAMESPACE_URL, f"rockpool:{input_digest}:{purpose}"))
+            return str(uuid.uuid5(uuid.NAMESPACE_URL, f"rockpool:{seed}:{purpose}"))
 
         return cls(
             disk_guid=derived("disk"),
@@ -55,14 +56,20 @@ class BuildContext:
     ca_bundle: Path | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
-    # The digest of the disk stage's inputs; the disk's ids derive from it, so that a
-    # change to the outputs alone (a new format) keeps the disk.
-    disk_key: str | None = None
     cache_plan: CachePlan | None = None
+    lock: Lock | None = None
+
+    @property
+    def identity_seed(self) -> str:
+        """What the disk's ids and the Tart MAC derive from: the image, not its inputs,
+        so that a setup.sh change, a new format or a lock of the same versions gives the
+        same bytes, while two images never share a filesystem UUID."""
+        spec = self.spec
+        return f"{spec.name}:{spec.architecture}:{spec.disk_size}"
 
     @property
     def identity(self) -> DiskIdentity:
-        return DiskIdentity.derive(self.disk_key or self.input_digest)
+        return DiskIdentity.derive(self.identity_seed)
 
     @property
     def root(self) -> Path:

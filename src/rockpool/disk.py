@@ -269,11 +269,12 @@ def pin_inode_times(disk: Path, offset: int, epoch: int) -> None:
         f"sif <{inode}> {field} @{epoch}\n" for inode in inodes for field in ("ctime", "atime")
     )
     # debugfs stamps the superblock's last write time with the clock (it ignores
-    # E2FSPROGS_FAKE_TIME), so it runs with the clock stopped at the epoch.
+    # E2FSPROGS_FAKE_TIME), so it runs with the clock stopped at the epoch: -f takes
+    # libfaketime's absolute format, a clock that does not advance.
     stopped_clock = dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
     # debugfs exits 0 even when a command fails; anything past its banner is an error.
     result = run(
-        ["faketime", stopped_clock, "debugfs", "-w", "-f", "-", f"{disk}?offset={offset}"],
+        ["faketime", "-f", stopped_clock, "debugfs", "-w", "-f", "-", f"{disk}?offset={offset}"],
         env=clean_environment({"TZ": "UTC"}),
         input_bytes=commands.encode(),
         capture=True,

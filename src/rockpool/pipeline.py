@@ -15,19 +15,27 @@ import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import rockpool
 from rockpool import host
 from rockpool.bootstrap import bootstrap, bootstrap_packages
-from rockpool.cache import CachePlan, StageCache, StageKeys, configured_max_bytes, link_tree
+from rockpool.cache import (
+    CACHED_STAGES,
+    CachePlan,
+    StageCache,
+    StageKeys,
+    configured_max_bytes,
+    link_tree,
+)
 from rockpool.context import BuildContext
 from rockpool.disk import assemble_disk
 from rockpool.errors import CommandFailed, InvalidInput, RockpoolError
 from rockpool.formats import OutputFormat, output_format
-from rockpool.preflight import archive_epoch, preflight
+from rockpool.lock import Lock, check_inputs, lock_path, locked_inputs, read_lock, write_lock
+from rockpool.preflight import archive_epoch, preflight, registry_integrity
 from rockpool.progress import Reporter
 from rockpool.provision import provision, setup_variables
 from rockpool.rootfs import LISTING, restore, snapshot
@@ -42,7 +50,7 @@ _HASH_CHUNK = 8 << 20
 STAGE_MODULES = {
     "bootstrap": ("bootstrap.py",),
     "provision": ("provision.py",),
-    "disk": ("disk.py", "rootfs.py"),
+    "disk": ("disk.py", "rootfs.py", "context.py"),
     "formats": ("formats/*.py",),
 }
 _PIPELINE_MODULES = tuple(pattern for patterns in STAGE_MODULES.values() for pattern in patterns)
@@ -54,6 +62,9 @@ class BuildResult:
     version: Version
     reused: bool
     log_path: Path | None
+    # What each stage of this build did; the manifest of a version that was already
+    # stored (the same bytes again) tells its first build's.
+    stages: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,6 +73,7 @@ class BuildResult:
             "version": self.version.id,
             "path": str(self.version.path),
             "reused": self.reused,
+            "stages": self.stages,
             "log": str(self.log_path) if self.log_path else None,
             "manifest": self.version.manifest,
         }
@@ -73,8 +85,9 @@ def _module_digests(patterns: Sequence[str]) -> list[str]:
     return [hashlib.sha256(module.read_bytes()).hexdigest() for module in modules]
 
 
-def input_digest(spec: ImageSpec) -> str:
-    return spec_digest(spec, *_module_digests(_PIPELINE_MODULES))
+def input_digest(spec: ImageSpec, lock: Lock | None = None) -> str:
+    locked = [json.dumps(lock.to_json(), sort_keys=True)] if lock is not None else []
+    return spec_digest(spec, *_module_digests(_PIPELINE_MODULES), *locked)
 
 
 def _digest(stage: str, **inputs: Any) -> str:
@@ -82,22 +95,26 @@ def _digest(stage: str, **inputs: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def stage_keys(ctx: BuildContext) -> StageKeys:
-    """Each stage's inputs, chained: a change reaches the stage it affects and those after."""
-    spec = ctx.spec
+def stage_keys(spec: ImageSpec, epoch: int, lock: Lock | None) -> StageKeys:
+    """Each stage's inputs, chained: a change reaches the stage it affects and those after.
+
+    Mirrors count only without a lock: a locked build installs the same versions from
+    any mirror that has them."""
     bootstrap_key = _digest(
         "bootstrap",
         architecture=spec.architecture,
         suite=spec.suite,
-        mirrors=[spec.mirror, spec.security_mirror],
-        packages=bootstrap_packages(ctx),
-        source_date_epoch=ctx.source_date_epoch,
+        mirrors=None if lock else [spec.mirror, spec.security_mirror],
+        packages=bootstrap_packages(spec),
+        locked=lock.debian if lock else None,
+        source_date_epoch=epoch,
     )
     provision_key = _digest(
         "provision",
         after=bootstrap_key,
         setup_script=hashlib.sha256(spec.setup_script.read_bytes()).hexdigest(),
         variables=setup_variables(spec),
+        locked=[lock.npm, lock.npm_tree] if lock else None,
     )
     disk_key = _digest(
         "disk", after=provision_key, name=spec.name, suite=spec.suite, size=spec.disk_size
@@ -349,26 +366,78 @@ def build(
     *,
     force: bool = False,
     ca_bundle: Path | None = None,
+    use_lock: bool = True,
 ) -> BuildResult:
+    """Build spec's image, from its lock when it has one (and use_lock is set)."""
     host.require_root("building an image")
     host.require(host.BUILD_TOOLS, "building an image")
     bundle = checked_ca_bundle(ca_bundle) if ca_bundle else default_ca_bundle()
     cache = StageCache.of_store(store.root)
     max_bytes = configured_max_bytes()
+    lock = read_lock(spec) if use_lock else None
+    if lock is not None:
+        check_inputs(lock, locked_inputs(spec, bootstrap_packages(spec)))
+    elif use_lock and lock_path(spec).is_file():
+        reporter.info(
+            f"{lock_path(spec).name} has no {spec.architecture} entry; building unlocked "
+            f"(add one with: rockpool image lock {spec.path})"
+        )
     result = run_build(
         spec,
         store,
         reporter,
         STAGES,
-        digest=input_digest(spec),
+        digest=input_digest(spec, lock),
         force=force,
         ca_bundle=bundle,
-        epoch=lambda: archive_epoch(spec, bundle),
+        epoch=(lambda: lock.source_date_epoch) if lock else (lambda: archive_epoch(spec, bundle)),
         cache=cache,
+        lock=lock,
     )
     for entry in cache.prune(max_bytes):
         log.info("cache: pruned %s %s (over %d bytes)", entry.stage, entry.key, max_bytes)
     return result
+
+
+def lock_spec(
+    spec: ImageSpec, store: Store, reporter: Reporter, *, ca_bundle: Path | None = None
+) -> tuple[Path, BuildResult]:
+    """Resolve spec against today's archive and registry, and write what it resolved to
+    as its lock.
+
+    The resolving build runs unlocked, through the stage cache; its cached results are
+    filed under the locked build's keys too, so the first locked build starts from them.
+    """
+    result = build(spec, store, reporter, ca_bundle=ca_bundle, use_lock=False)
+    bundle = checked_ca_bundle(ca_bundle) if ca_bundle else default_ca_bundle()
+    manifest = result.version.manifest
+    installed = manifest["packages"]
+    npm = {
+        name: {
+            "version": version,
+            "integrity": registry_integrity(spec, name, version, bundle),
+        }
+        for name, version in installed.get("npm", {}).items()
+    }
+    epoch = int(manifest["source_date_epoch"])
+    lock = Lock(
+        path=lock_path(spec),
+        architecture=spec.architecture,
+        source_date_epoch=epoch,
+        inputs=locked_inputs(spec, bootstrap_packages(spec)),
+        debian=installed["debian"],
+        npm=npm,
+        npm_tree=installed.get("npm_tree", {}),
+    )
+    path = write_lock(spec, lock)
+    cache = StageCache.of_store(store.root)
+    unlocked, locked = stage_keys(spec, epoch, None), stage_keys(spec, epoch, lock)
+    with store.staging() as scratch:
+        for stage in CACHED_STAGES:
+            cache.alias(stage, unlocked.of(stage), locked.of(stage), scratch=scratch)
+        for name, key in unlocked.formats.items():
+            cache.alias("formats", key, locked.formats[name], scratch=scratch)
+    return path, result
 
 
 def run_build(
@@ -382,6 +451,7 @@ def run_build(
     ca_bundle: Path | None = None,
     epoch: Callable[[], int] = lambda: int(time.time()),
     cache: StageCache | None = None,
+    lock: Lock | None = None,
 ) -> BuildResult:
     """Reuse the version built from the same inputs, or run the stages in a staging
     directory, each timed and logged, and land what they wrote in the store.
@@ -413,11 +483,11 @@ def run_build(
                 source_date_epoch=override if override is not None else epoch(),
                 log_path=log_path,
                 ca_bundle=ca_bundle,
+                lock=lock,
             )
             log.info("building %s from %s (input %s) in %s", spec.name, spec.path, digest, work)
             if cache is not None:
-                keys = stage_keys(ctx)
-                ctx.disk_key = keys.disk
+                keys = stage_keys(spec, ctx.source_date_epoch, lock)
                 ctx.cache_plan = CachePlan(cache, keys, read=not force)
                 ctx.cache_plan.find_start()
             # Load every format backend now: a build runs for up to an hour and a half,
@@ -438,5 +508,8 @@ def run_build(
     finally:
         root_logger.removeHandler(handler)
         handler.close()
-    reporter.info(f"built {version.ref} in {version.manifest['build_seconds']:.0f}s")
-    return BuildResult(version, reused=False, log_path=log_path)
+    if version.manifest["input_digest"] == digest:
+        reporter.info(f"built {version.ref} in {version.manifest['build_seconds']:.0f}s")
+    else:
+        reporter.info(f"built {version.ref}: the same bytes as the version already stored")
+    return BuildResult(version, reused=False, log_path=log_path, stages=ctx.facts.get("stages", {}))

@@ -1,14 +1,18 @@
 """Stage: check, in seconds, what would otherwise fail minutes into a build.
 
 The Debian mirror must carry the suite, and the npm registry must have the pinned
-code-server (for this Node.js major) and a Node.js build of that major.
+code-server (for this Node.js major) and a Node.js build of that major. With a lock,
+every locked Debian version must still be in the mirrors, and every locked npm download
+must have the locked integrity.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import email.utils
 import json
 import logging
+import lzma
 import re
 import ssl
 import urllib.error
@@ -18,6 +22,7 @@ from typing import Any
 
 from rockpool.context import BuildContext
 from rockpool.errors import ExitCode, InvalidInput, RockpoolError
+from rockpool.lock import Lock, parse_packages_index, unavailable
 from rockpool.spec import ImageSpec
 
 log = logging.getLogger("rockpool.preflight")
@@ -118,8 +123,84 @@ def archive_epoch(spec: ImageSpec, ca_bundle: Path | None) -> int:
     return max(dates)
 
 
+def _npm_name(spec: ImageSpec, package: str) -> str:
+    return f"node-linux-{NODE_ARCH[spec.architecture]}" if package == "node" else package
+
+
+def registry_integrity(spec: ImageSpec, package: str, version: str, ca_bundle: Path | None) -> str:
+    """The registry's sha512 integrity of one published version (npm never changes it)."""
+    name = _npm_name(spec, package)
+    url = f"{spec.npm_registry}/{name}/{version}"
+    try:
+        body = json.loads(fetch(url, ca_bundle))
+    except FileNotFoundError:
+        raise InvalidInput(f"{spec.npm_registry} has no {name} {version}") from None
+    except ValueError:
+        raise RegistryUnreachable(f"{url} did not answer with JSON") from None
+    integrity = str(body.get("dist", {}).get("integrity", ""))
+    if not integrity.startswith("sha512-"):
+        raise RegistryUnreachable(f"{url} gives no sha512 integrity for {name} {version}")
+    return integrity
+
+
+def _suites(spec: ImageSpec) -> list[tuple[str, str]]:
+    return [
+        (spec.mirror, spec.suite),
+        (spec.mirror, f"{spec.suite}-updates"),
+        (spec.security_mirror, f"{spec.suite}-security"),
+    ]
+
+
+def snapshot_hint(lock: Lock) -> str:
+    stamp = dt.datetime.fromtimestamp(lock.source_date_epoch, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return (
+        "build from the archive as it was when the lock was made: in the spec, set "
+        f'debian.mirror = "https://snapshot.debian.org/archive/debian/{stamp}/" and '
+        f'debian.security_mirror = "https://snapshot.debian.org/archive/debian-security/{stamp}/"'
+        "; or update the lock with: rockpool image lock SPEC"
+    )
+
+
+def check_lock(ctx: BuildContext, lock: Lock) -> None:
+    """Every locked version is still to be had, before any slow work starts."""
+    spec = ctx.spec
+    available: dict[str, set[str]] = {}
+    for mirror, suite in _suites(spec):
+        url = f"{mirror.rstrip('/')}/dists/{suite}/main/binary-{spec.architecture}/Packages.xz"
+        try:
+            index = lzma.decompress(fetch(url, ctx.ca_bundle, "*/*"))
+        except FileNotFoundError:
+            raise InvalidInput(f"{spec.path}: {mirror} has no suite '{suite}'") from None
+        except lzma.LZMAError:
+            raise RegistryUnreachable(f"{url} is not an xz-compressed Packages index") from None
+        for name, versions in parse_packages_index(index).items():
+            available.setdefault(name, set()).update(versions)
+    missing = unavailable(lock, available)
+    if missing:
+        shown = ", ".join(missing[:10]) + (
+            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
+        raise InvalidInput(
+            f"{lock.path.name}: {len(missing)} locked Debian package versions are no longer "
+            f"in {spec.mirror} or {spec.security_mirror}: {shown}",
+            hint=snapshot_hint(lock),
+        )
+    for package, record in lock.npm.items():
+        integrity = registry_integrity(spec, package, record["version"], ctx.ca_bundle)
+        if integrity != record["integrity"]:
+            raise InvalidInput(
+                f"{lock.path.name}: {_npm_name(spec, package)} {record['version']} in "
+                f"{spec.npm_registry} has integrity {integrity[:20]}..., the lock has "
+                f"{record['integrity'][:20]}...",
+                hint="the registry serves other bytes than were locked; check the registry "
+                "setting, or update the lock with: rockpool image lock SPEC",
+            )
+
+
 def preflight(ctx: BuildContext) -> None:
     spec = ctx.spec
+    if ctx.lock is not None:
+        check_lock(ctx, ctx.lock)
     registry = spec.npm_registry
     if spec.code_server_version is not None:
         check_code_server(ctx, spec.code_server_version)

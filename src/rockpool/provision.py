@@ -13,9 +13,12 @@ import os
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 from rockpool.command import CLEAN_PATH, PROXY_VARIABLES, clean_environment, contained, run
 from rockpool.context import BuildContext
+from rockpool.errors import InvalidInput
+from rockpool.lock import mismatches
 from rockpool.spec import ImageSpec
 
 BUILD_RUN = "/run/rockpool-build"
@@ -73,6 +76,7 @@ def setup_environment(ctx: BuildContext) -> dict[str, str]:
         # useradd's password-change date, the initramfs and npm's builds honour it.
         "SOURCE_DATE_EPOCH": str(ctx.source_date_epoch),
         **setup_variables(ctx.spec),
+        **(ctx.lock.setup_variables() if ctx.lock is not None else {}),
     }
     if ctx.ca_bundle is not None:
         env.update(_ca_variables(f"{BUILD_RUN}/ca.pem"))
@@ -97,9 +101,19 @@ def provision(ctx: BuildContext) -> None:
     ]
     run(contained(argv), env=clean_environment(), on_line=ctx.reporter.status)
     ctx.facts["packages"] = installed_versions(ctx.root)
+    if ctx.lock is not None:
+        differences = mismatches(ctx.lock, ctx.facts["packages"])
+        if differences:
+            shown = "\n  ".join(differences[:10])
+            more = f"\n  ... and {len(differences) - 10} more" if len(differences) > 10 else ""
+            raise InvalidInput(
+                f"the build did not install what {ctx.lock.path.name} locks:\n  {shown}{more}",
+                hint="if setup.sh or the spec changed on purpose, update the lock with: "
+                f"rockpool image lock {ctx.spec.path}",
+            )
 
 
-def installed_versions(root: Path) -> dict[str, dict[str, str]]:
+def installed_versions(root: Path) -> dict[str, Any]:
     """Exact versions of what went into the root: every .deb, Node.js, npm, code-server."""
     debian: dict[str, str] = {}
     status = (root / "var/lib/dpkg/status").read_text(encoding="utf-8")
@@ -120,4 +134,26 @@ def installed_versions(root: Path) -> dict[str, dict[str, str]]:
         manifest = root / "usr/local/lib/node_modules" / package / "package.json"
         if manifest.is_file():
             npm[package] = json.loads(manifest.read_text(encoding="utf-8"))["version"]
-    return {"debian": dict(sorted(debian.items())), "npm": npm}
+    return {
+        "debian": dict(sorted(debian.items())),
+        "npm": npm,
+        "npm_tree": shrinkwrap_tree(root / "usr/local/lib/node_modules/code-server"),
+    }
+
+
+def shrinkwrap_tree(package_dir: Path) -> dict[str, dict[str, str]]:
+    """Every package code-server's own npm-shrinkwrap.json files pin (npm installs from
+    them and checks each integrity), keyed by its path below code-server."""
+    tree: dict[str, dict[str, str]] = {}
+    if not package_dir.is_dir():
+        return tree
+    for shrinkwrap in sorted(package_dir.rglob("npm-shrinkwrap.json")):
+        base = shrinkwrap.parent.relative_to(package_dir)
+        if "node_modules" in base.parts:
+            continue  # a dependency's own shrinkwrap; npm ignores those
+        packages = json.loads(shrinkwrap.read_text(encoding="utf-8")).get("packages", {})
+        for path, record in packages.items():
+            if path and "version" in record and "integrity" in record:
+                key = (base / path).as_posix()
+                tree[key] = {"version": record["version"], "integrity": record["integrity"]}
+    return dict(sorted(tree.items()))

@@ -3,6 +3,7 @@
 Layout under the store root ($ROCKPOOL_HOME, else $XDG_DATA_HOME/rockpool):
     images/NAME/VERSION/manifest.json   one immutable version and its outputs
     images/NAME/latest -> VERSION        the newest version
+    images/NAME/.inputs/DIGEST -> VERSION  which version each set of build inputs gave
     staging/ID/ + staging/ID.lock        builds in progress; a lock not held is stale
 """
 
@@ -27,6 +28,7 @@ log = logging.getLogger("rockpool.store")
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
+INPUT_INDEX = ".inputs"
 
 
 def default_root() -> Path:
@@ -193,12 +195,25 @@ class Store:
         with self._image_lock(name):
             target = self.images_dir / name / version_id
             if target.exists():
+                # The same bytes again (a reproducible rebuild): it becomes the newest.
                 log.info("version %s:%s exists already; keeping it", name, version_id)
+                os.utime(target)
             else:
                 os.rename(prepared, target)
                 fsync_directory(target.parent)
+            if "input_digest" in manifest:
+                self._index_input(name, str(manifest["input_digest"]), version_id)
             self._point_latest(name, version_id)
         return self.version(name, version_id)
+
+    def _index_input(self, name: str, input_digest: str, version_id: str) -> None:
+        """Remember which version these inputs gave, beside the version's own manifest:
+        other inputs (a lock, a renamed spec) can give the same bytes."""
+        index = self.images_dir / name / INPUT_INDEX
+        index.mkdir(exist_ok=True)
+        tmp = index / f".{input_digest}.{uuid.uuid4().hex}"
+        os.symlink(version_id, tmp)
+        os.replace(tmp, index / input_digest)
 
     def repair_latest(self, name: str) -> None:
         """Point latest at the newest version, if a crash stopped it short of that."""
@@ -242,7 +257,8 @@ class Store:
         for entry in directory.iterdir():
             if entry.is_dir() and not entry.is_symlink() and (entry / MANIFEST).is_file():
                 found.append(self._read(name, entry))
-        return sorted(found, key=lambda v: (v.manifest.get("created", ""), v.id))
+        # Landing order: a version landed again by a reproducible rebuild is the newest.
+        return sorted(found, key=lambda v: (v.path.stat().st_mtime, v.id))
 
     def latest_id(self, name: str) -> str | None:
         link = self.images_dir / name / "latest"
@@ -274,6 +290,12 @@ class Store:
         return self.version(name, version_id)
 
     def find_by_input(self, name: str, input_digest: str) -> Version | None:
+        try:
+            indexed = os.readlink(self.images_dir / name / INPUT_INDEX / input_digest)
+        except OSError:
+            indexed = None
+        if indexed is not None and (self.images_dir / name / indexed / MANIFEST).is_file():
+            return self.version(name, indexed)
         matches = [v for v in self.versions(name) if v.manifest.get("input_digest") == input_digest]
         return matches[-1] if matches else None
 

@@ -29,7 +29,10 @@ def existing_logs(store_home: Path) -> set[Path]:
 def start_build(store_home: Path) -> tuple[subprocess.Popen[str], set[Path]]:
     logs_before = existing_logs(store_home)
     build = subprocess.Popen(
-        [sys.executable, "-m", "rockpool", "image", "build", str(DEFAULT_SPEC), "--force"],
+        [
+            *(sys.executable, "-m", "rockpool", "image", "build", str(DEFAULT_SPEC)),
+            *("--force", "--no-lock"),
+        ],
         env=rockpool_env(store_home),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -15,7 +15,7 @@ from rockpool.errors import Conflict, InvalidInput, NotFound, RockpoolError
 from rockpool.runtime.base import State, Workspace
 from rockpool.runtime.qemu_runtime import QemuRuntime
 from rockpool.store import Store, Version
-from tests.e2e.conftest import DEFAULT_SPEC, run_rockpool
+from tests.e2e.conftest import DEFAULT_SPEC, REPO, run_rockpool
 from tests.e2e.guest import BOOT_DEADLINE, ssh_argv, wait_until
 
 pytestmark = pytest.mark.vm
@@ -195,17 +195,23 @@ def assert_filesystem_clean(disk: Path, image: Version, tmp_path: Path) -> None:
 
 
 def test_image_updates_reach_new_workspaces_only(
-    runtime: QemuRuntime, built_image: Version, store_home: Path, ssh_key: Path
+    runtime: QemuRuntime, built_image: Version, store_home: Path, ssh_key: Path, tmp_path: Path
 ) -> None:
     runtime.create("old", "workspace")
     try:
         start(runtime, "old", ssh_key)
-        rebuilt = run_rockpool(
-            store_home, "image", "build", str(DEFAULT_SPEC), "--force", "--json", timeout=3600
+        # An update of setup.sh: a new version of the same image, from the cached bootstrap.
+        script = tmp_path / "setup.sh"
+        script.write_text(
+            (REPO / "images/scripts/setup.sh").read_text() + "\necho 2 > /etc/rockpool-update\n"
         )
+        updated = tmp_path / "workspace.toml"
+        updated.write_text(f'extends = "{DEFAULT_SPEC}"\n[provision]\nscript = "{script}"\n')
+        rebuilt = run_rockpool(store_home, "image", "build", str(updated), "--json", timeout=3600)
         assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
         new_ref = json.loads(rebuilt.stdout)["image"]
         assert new_ref != built_image.ref
+        assert json.loads(rebuilt.stdout)["stages"]["bootstrap"] == "cached"
         assert runtime.status("old").state == State.RUNNING
         assert runtime.status("old").image == built_image.ref
         assert runtime.create("new", "workspace").image == new_ref

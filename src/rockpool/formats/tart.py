@@ -22,12 +22,12 @@ CONFIG_VERSION = 1
 DISPLAY = {"width": 1024, "height": 768}
 
 
-def mac_address(input_digest: str) -> str:
-    """A locally administered unicast MAC derived from the inputs, so rebuilds match.
+def mac_address(seed: str) -> str:
+    """A locally administered unicast MAC derived from the image, so rebuilds match.
 
     Tart gives a clone a fresh MAC when the address is already in use on the host.
     """
-    octets = bytearray(hashlib.sha256(f"rockpool-mac:{input_digest}".encode()).digest()[:6])
+    octets = bytearray(hashlib.sha256(f"rockpool-mac:{seed}".encode()).digest()[:6])
     octets[0] = (octets[0] & 0xFC) | 0x02
     return ":".join(f"{octet:02x}" for octet in octets)
 
@@ -44,7 +44,7 @@ def tart_config(ctx: BuildContext) -> dict[str, Any]:
         "cpuCount": spec.cpus,
         "memorySizeMin": spec.memory,
         "memorySize": spec.memory,
-        "macAddress": mac_address(ctx.disk_key or ctx.input_digest),
+        "macAddress": mac_address(ctx.identity_seed),
         "display": DISPLAY,
         "diskFormat": "raw",
     }

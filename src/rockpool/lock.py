@@ -1,0 +1,236 @@
+"""The lock: the exact inputs a spec resolved to, so that later builds install the same.
+
+`rockpool image lock SPEC` writes SPEC's lock beside it (images/workspace.toml ->
+images/workspace.lock.json), one entry per architecture:
+
+    source_date_epoch   the archive state's time, the build's SOURCE_DATE_EPOCH
+    inputs              the spec settings the lock was resolved from
+    debian.packages     every installed .deb and its exact version
+    npm                 Node.js, npm and code-server: version and sha512 integrity;
+                        npm.tree: every package of code-server's npm-shrinkwrap.json
+                        files, with version and integrity
+
+A build of a locked spec pins apt to those versions, checks every npm download against
+the locked integrity, takes SOURCE_DATE_EPOCH from the lock, and fails before the slow
+work when a locked version is no longer available.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rockpool.errors import InvalidInput
+from rockpool.spec import ImageSpec
+from rockpool.store import write_json_atomic
+
+LOCK_SCHEMA = 1
+LOCK_SUFFIX = ".lock.json"
+NPM_PACKAGES = ("node", "npm", "code-server")
+
+
+def lock_path(spec: ImageSpec) -> Path:
+    return spec.path.with_name(spec.path.name.removesuffix(".toml") + LOCK_SUFFIX)
+
+
+def locked_inputs(spec: ImageSpec, bootstrap_packages: list[str]) -> dict[str, Any]:
+    """What a lock is resolved from. Mirrors are left out: pointing the spec at a
+    snapshot mirror must keep the lock valid."""
+    return {
+        "suite": spec.suite,
+        "packages": sorted(bootstrap_packages),
+        "node_major": spec.node_major,
+        "code_server_version": spec.code_server_version,
+        "npm_registry": spec.npm_registry,
+    }
+
+
+@dataclass(frozen=True)
+class Lock:
+    """One architecture's entry of a lock file."""
+
+    path: Path
+    architecture: str
+    source_date_epoch: int
+    inputs: dict[str, Any]
+    debian: dict[str, str]
+    npm: dict[str, dict[str, str]]
+    npm_tree: dict[str, dict[str, str]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source_date_epoch": self.source_date_epoch,
+            "inputs": self.inputs,
+            "debian": {"packages": self.debian},
+            "npm": {**self.npm, "tree": self.npm_tree},
+        }
+
+    def setup_variables(self) -> dict[str, str]:
+        """setup.sh's SETUP_* settings for the locked npm downloads."""
+        variables = {}
+        for package, prefix in (("node", "NODE"), ("npm", "NPM")):
+            variables[f"SETUP_{prefix}_VERSION"] = self.npm[package]["version"]
+            variables[f"SETUP_{prefix}_INTEGRITY"] = self.npm[package]["integrity"]
+        if "code-server" in self.npm:
+            variables["SETUP_CODE_SERVER_INTEGRITY"] = self.npm["code-server"]["integrity"]
+        return variables
+
+    def apt_preferences(self) -> str:
+        """An apt preferences file that makes each locked version the only candidate."""
+        return "".join(
+            f"Package: {name}\nPin: version {version}\nPin-Priority: 1001\n\n"
+            for name, version in sorted(self.debian.items())
+        )
+
+
+def _problem(path: Path, key: str, text: str) -> InvalidInput:
+    return InvalidInput(
+        f"{path}: {key}: {text}",
+        hint=f"regenerate it with: rockpool image lock {path.name.removesuffix(LOCK_SUFFIX)}.toml",
+    )
+
+
+def _versions(path: Path, key: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()
+    ):
+        raise _problem(path, key, "must map package names to version strings")
+    return dict(value)
+
+
+def _integrity_record(path: Path, key: str, value: Any) -> dict[str, str]:
+    if (
+        not isinstance(value, dict)
+        or not isinstance(value.get("version"), str)
+        or not str(value.get("integrity", "")).startswith("sha512-")
+    ):
+        raise _problem(path, key, 'must be {"version": "...", "integrity": "sha512-..."}')
+    return {"version": value["version"], "integrity": value["integrity"]}
+
+
+def read_lock(spec: ImageSpec) -> Lock | None:
+    """The lock entry for spec's architecture, or None when the spec has no lock file."""
+    path = lock_path(spec)
+    if not path.is_file():
+        return None
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _problem(path, "(file)", f"is not readable JSON ({exc})") from None
+    if not isinstance(document, dict) or document.get("schema") != LOCK_SCHEMA:
+        raise _problem(path, "schema", f"must be {LOCK_SCHEMA}")
+    entries = document.get("architectures", {})
+    if not isinstance(entries, dict):
+        raise _problem(path, "architectures", "must be a table of architectures")
+    entry = entries.get(spec.architecture)
+    if entry is None:
+        return None
+    prefix = f"architectures.{spec.architecture}"
+    epoch = entry.get("source_date_epoch")
+    if not isinstance(epoch, int) or epoch <= 0:
+        raise _problem(path, f"{prefix}.source_date_epoch", "must be a Unix time in seconds")
+    inputs = entry.get("inputs")
+    if not isinstance(inputs, dict):
+        raise _problem(path, f"{prefix}.inputs", "is missing")
+    npm_section = entry.get("npm", {})
+    if not isinstance(npm_section, dict):
+        raise _problem(path, f"{prefix}.npm", "must be a table")
+    npm = {
+        name: _integrity_record(path, f"{prefix}.npm.{name}", npm_section[name])
+        for name in NPM_PACKAGES
+        if name in npm_section
+    }
+    for required in ("node", "npm"):
+        if required not in npm:
+            raise _problem(path, f"{prefix}.npm.{required}", "is missing")
+    tree = npm_section.get("tree", {})
+    if not isinstance(tree, dict):
+        raise _problem(path, f"{prefix}.npm.tree", "must be a table")
+    return Lock(
+        path=path,
+        architecture=spec.architecture,
+        source_date_epoch=epoch,
+        inputs=inputs,
+        debian=_versions(
+            path, f"{prefix}.debian.packages", entry.get("debian", {}).get("packages")
+        ),
+        npm=npm,
+        npm_tree={k: _integrity_record(path, f"{prefix}.npm.tree.{k}", v) for k, v in tree.items()},
+    )
+
+
+def check_inputs(lock: Lock, current: dict[str, Any]) -> None:
+    """The spec still asks for what the lock was resolved from."""
+    keys = current.keys() | lock.inputs.keys()
+    changed = sorted(key for key in keys if current.get(key) != lock.inputs.get(key))
+    if changed:
+        raise InvalidInput(
+            f"{lock.path} was resolved for other inputs than {lock.path.name} now asks for "
+            f"(changed: {', '.join(changed)})",
+            hint="update the lock with: rockpool image lock SPEC",
+        )
+
+
+def write_lock(spec: ImageSpec, lock: Lock) -> Path:
+    """Write or update spec's lock file; other architectures' entries are kept."""
+    path = lock_path(spec)
+    document: dict[str, Any] = {"schema": LOCK_SCHEMA, "architectures": {}}
+    if path.is_file():
+        try:
+            existing = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(existing, dict) and isinstance(existing.get("architectures"), dict):
+                document["architectures"] = existing["architectures"]
+        except ValueError:
+            pass  # an unreadable lock is replaced
+    document["comment"] = (
+        f"Exact inputs of {spec.path.name}, written by rockpool image lock; "
+        "commit it, and update it with the same command."
+    )
+    document["architectures"][spec.architecture] = lock.to_json()
+    write_json_atomic(path, document)
+    return path
+
+
+def mismatches(lock: Lock, installed: dict[str, Any]) -> list[str]:
+    """How what a build installed differs from its lock, one line per package."""
+    found: list[str] = []
+    debian = installed.get("debian", {})
+    for name in sorted(lock.debian.keys() | debian.keys()):
+        want, have = lock.debian.get(name), debian.get(name)
+        if want != have:
+            found.append(f"debian {name}: locked {want or '(none)'}, installed {have or '(none)'}")
+    npm = installed.get("npm", {})
+    for name, record in lock.npm.items():
+        if npm.get(name) != record["version"]:
+            found.append(f"npm {name}: locked {record['version']}, installed {npm.get(name)}")
+    tree = installed.get("npm_tree", {})
+    for name in sorted(lock.npm_tree.keys() | tree.keys()):
+        if lock.npm_tree.get(name) != tree.get(name):
+            found.append(f"npm tree {name}: locked {lock.npm_tree.get(name)}, has {tree.get(name)}")
+    return found
+
+
+# ---- availability ------------------------------------------------------------------------
+
+
+def parse_packages_index(text: bytes) -> dict[str, set[str]]:
+    """Package name -> versions, from a Debian Packages index."""
+    found: dict[str, set[str]] = {}
+    for paragraph in text.split(b"\n\n"):
+        name = re.search(rb"^Package: (\S+)$", paragraph, re.MULTILINE)
+        version = re.search(rb"^Version: (\S+)$", paragraph, re.MULTILINE)
+        if name and version:
+            found.setdefault(name.group(1).decode(), set()).add(version.group(1).decode())
+    return found
+
+
+def unavailable(lock: Lock, available: dict[str, set[str]]) -> list[str]:
+    """Locked Debian packages whose exact version the mirrors no longer carry."""
+    return [
+        f"{name} {version}"
+        for name, version in sorted(lock.debian.items())
+        if version not in available.get(name, set())
+    ]

