@@ -101,14 +101,23 @@ def _versions(path: Path, key: str, value: Any) -> dict[str, str]:
     return dict(value)
 
 
-def _integrity_record(path: Path, key: str, value: Any) -> dict[str, str]:
+def _integrity_record(
+    path: Path, key: str, value: Any, algorithms: tuple[str, ...] = ("sha512",)
+) -> dict[str, str]:
+    """{"version", "integrity"}, the integrity a subresource-integrity string."""
+    integrity = str(value.get("integrity", "")) if isinstance(value, dict) else ""
     if (
         not isinstance(value, dict)
         or not isinstance(value.get("version"), str)
-        or not str(value.get("integrity", "")).startswith("sha512-")
+        or not any(integrity.startswith(f"{algorithm}-") for algorithm in algorithms)
     ):
-        raise _problem(path, key, 'must be {"version": "...", "integrity": "sha512-..."}')
-    return {"version": value["version"], "integrity": value["integrity"]}
+        shown = "|".join(algorithms)
+        raise _problem(path, key, f'must be {{"version": "...", "integrity": "{shown}-..."}}')
+    return {"version": value["version"], "integrity": integrity}
+
+
+# What npm-shrinkwrap.json files carry: sha1 for packages published long ago.
+TREE_ALGORITHMS = ("sha512", "sha384", "sha256", "sha1")
 
 
 def read_lock(spec: ImageSpec) -> Lock | None:
@@ -158,7 +167,10 @@ def read_lock(spec: ImageSpec) -> Lock | None:
             path, f"{prefix}.debian.packages", entry.get("debian", {}).get("packages")
         ),
         npm=npm,
-        npm_tree={k: _integrity_record(path, f"{prefix}.npm.tree.{k}", v) for k, v in tree.items()},
+        npm_tree={
+            name: _integrity_record(path, f"{prefix}.npm.tree.{name}", record, TREE_ALGORITHMS)
+            for name, record in tree.items()
+        },
     )
 
 

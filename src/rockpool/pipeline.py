@@ -119,11 +119,24 @@ def stage_keys(spec: ImageSpec, epoch: int, lock: Lock | None) -> StageKeys:
     disk_key = _digest(
         "disk", after=provision_key, name=spec.name, suite=spec.suite, size=spec.disk_size
     )
+    section = runtime_section(spec)
+    runtime_key = (
+        _digest(
+            "provision",
+            after=bootstrap_key,
+            layer="runtime",
+            script=[hashlib.sha256(part.encode()).hexdigest() for part in section],
+            variables=setup_variables(spec),
+            locked=lock.npm if lock else None,
+        )
+        if section
+        else None
+    )
     formats = {
         name: _digest("formats", after=disk_key, format=name, cpus=spec.cpus, memory=spec.memory)
         for name in spec.formats
     }
-    return StageKeys(bootstrap_key, provision_key, disk_key, formats)
+    return StageKeys(bootstrap_key, provision_key, disk_key, formats, runtime_key)
 
 
 def default_ca_bundle() -> Path | None:
@@ -291,6 +304,52 @@ def cached_preflight(ctx: BuildContext) -> None:
     _record(ctx, "preflight", "built")
 
 
+# setup.sh's section that installs Node.js, npm and code-server, and what it installs.
+RUNTIME_SECTION = ("# ---- Node.js and npm from the npm registry", "# ---- workspace user")
+RUNTIME_PATHS = (
+    "usr/local/bin/node",
+    "usr/local/bin/npm",
+    "usr/local/bin/npx",
+    "usr/local/bin/code-server",
+    "usr/local/include/node",
+    "usr/local/lib/node_modules",
+)
+RUNTIME_TARBALL = "runtime.tar"
+
+
+def runtime_section(spec: ImageSpec) -> tuple[str, str] | None:
+    """setup.sh's settings and helpers, and its Node.js-to-code-server section; None
+    when the script has no such marked section."""
+    text = spec.setup_script.read_text(encoding="utf-8")
+    start, end = (text.find(marker) for marker in RUNTIME_SECTION)
+    first_section = text.find("# ---- ")
+    if min(start, end, first_section) < 0 or end < start:
+        return None
+    return text[:first_section], text[start:end]
+
+
+def provision_with_runtime_layer(ctx: BuildContext) -> None:
+    """Run setup.sh on a root that already holds Node.js, npm and code-server when an
+    earlier build installed them from the same inputs: setup.sh finds them in place and
+    skips its slowest part (compiling code-server's native modules)."""
+    plan = _plan(ctx)
+    key = plan.keys.runtime
+    entry = plan.cache.get("runtime", key) if plan.read and key else None
+    if entry is not None:
+        restore(entry.file(RUNTIME_TARBALL), ctx.root)
+    provision(ctx)
+    if key is None:
+        return
+    _record(ctx, "provision/runtime", "cached" if entry else "built")
+    if entry is None:
+        present = [path for path in RUNTIME_PATHS if os.path.lexists(ctx.root / path)]
+        if present:
+            tarball = ctx.work / RUNTIME_TARBALL
+            snapshot(ctx.root, tarball, present)
+            plan.cache.put("runtime", key, {RUNTIME_TARBALL: tarball}, {}, scratch=ctx.work)
+            tarball.unlink()
+
+
 def _root_stage(ctx: BuildContext, name: str, work: Stage) -> None:
     """bootstrap or provision: restore the root from the cache, or do the work and keep
     the root's snapshot for the next build."""
@@ -318,7 +377,7 @@ def cached_bootstrap(ctx: BuildContext) -> None:
 
 
 def cached_provision(ctx: BuildContext) -> None:
-    _root_stage(ctx, "provision", provision)
+    _root_stage(ctx, "provision", provision_with_runtime_layer)
 
 
 def cached_disk(ctx: BuildContext) -> None:
@@ -437,6 +496,8 @@ def lock_spec(
             cache.alias(stage, unlocked.of(stage), locked.of(stage), scratch=scratch)
         for name, key in unlocked.formats.items():
             cache.alias("formats", key, locked.formats[name], scratch=scratch)
+        if unlocked.runtime and locked.runtime:
+            cache.alias("runtime", unlocked.runtime, locked.runtime, scratch=scratch)
     return path, result
 
 

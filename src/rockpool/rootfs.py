@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,9 @@ _TAR_OPTIONS = ("--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls")
 _CHUNK = 1 << 20
 
 
-def snapshot(root: Path, tarball: Path) -> None:
-    """The whole tree in one tarball: owners, modes, hard links, xattrs (file
-    capabilities), device nodes, in name order."""
+def snapshot(root: Path, tarball: Path, members: Sequence[str] = (".",)) -> None:
+    """The tree (or members of it) in one tarball: owners, modes, hard links, xattrs
+    (file capabilities), device nodes, in name order."""
     run(
         [
             "tar",
@@ -33,7 +34,8 @@ def snapshot(root: Path, tarball: Path) -> None:
             "--format=posix",
             "--sparse",
             *_TAR_OPTIONS,
-            ".",
+            "--",
+            *members,
         ]
     )
 

@@ -97,7 +97,7 @@ def built_image(store_home: Path, arm64_build: BackgroundBuild) -> Version:
     Built with --no-lock: the committed lock ages as Debian's archive moves on (a
     security update removes the version it pins), and the VM tests must not depend on
     that. Locked builds are tested on a lock made by the test (test_reproducible.py);
-    the committed lock's agreement with the spec by test_lock_file.py.
+    the committed lock's agreement with the spec by tests/unit/test_lock.py.
     """
     result = run_rockpool(
         store_home, "image", "build", str(DEFAULT_SPEC), "--no-lock", "--json", timeout=3600

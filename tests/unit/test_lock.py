@@ -225,3 +225,17 @@ def test_build_with_a_stale_lock_stops_before_any_work(tmp_path: Path) -> None:
     assert "rockpool image lock" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "store" / "images").exists()
+
+
+def test_the_committed_default_lock_matches_the_default_spec() -> None:
+    from rockpool.bootstrap import bootstrap_packages
+
+    spec = load_spec(REPO / "images" / "workspace.toml")
+    assert lock_path(spec) == REPO / "images" / "workspace.lock.json"
+    lock = read_lock(spec)
+    assert lock is not None, f"no {spec.architecture} entry in images/workspace.lock.json"
+    check_inputs(lock, locked_inputs(spec, bootstrap_packages(spec)))
+    assert set(lock.inputs["packages"]) <= set(lock.debian)
+    assert lock.npm["code-server"]["version"] == spec.code_server_version
+    assert lock.npm["node"]["version"].startswith(f"{spec.node_major}.")
+    assert len(lock.npm_tree) > 100  # code-server's shrinkwrapped dependencies
