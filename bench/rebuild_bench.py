@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,9 @@ def tuned_variant(spec: Path, directory: Path) -> Path:
     script.write_text(original + "\necho tuned > /etc/rockpool-bench-tuned\n")
     variant = directory / "tuned.toml"
     variant.write_text(f'extends = "{spec}"\n[provision]\nscript = "{script}"\n')
+    lock = spec.with_name(spec.name.removesuffix(".toml") + ".lock.json")
+    if lock.is_file():  # the same inputs, so the same lock: a lock is per spec file
+        shutil.copyfile(lock, directory / "tuned.lock.json")
     return variant
 
 

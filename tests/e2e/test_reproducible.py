@@ -174,6 +174,7 @@ def test_a_damaged_cache_entry_is_rebuilt_not_used(home_a: Path) -> None:
     assert {row["stage"] for row in listed["entries"]} == {
         "bootstrap",
         "provision",
+        "runtime",
         "disk",
         "formats",
     }
