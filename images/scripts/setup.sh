@@ -180,7 +180,9 @@ install_code_server() {
   fetch_verified code-server "\"$SETUP_CODE_SERVER_VERSION\"" "$WORK/code-server.tgz" \
     "$SETUP_CODE_SERVER_INTEGRITY" >/dev/null
   # nodedir makes node-gyp use the headers installed above instead of downloading them.
-  npm_config_nodedir=/usr/local npm_config_cache="$WORK/npm-cache" \
+  # A fixed cache path: node-gyp writes it into every module's build/config.gypi, so a
+  # random one would make each build's bytes differ. rockpool-seal removes it.
+  npm_config_nodedir=/usr/local npm_config_cache=/root/.npm \
     npm_config_update_notifier=false npm_config_fund=false \
     npm install --global --no-audit --no-fund --loglevel=warn \
     --registry "$SETUP_NPM_REGISTRY/" \
