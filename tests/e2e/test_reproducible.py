@@ -178,9 +178,6 @@ def test_a_damaged_cache_entry_is_rebuilt_not_used(home_a: Path) -> None:
         "disk",
         "formats",
     }
-    pruned = json.loads(run_rockpool(home_a, "cache", "prune", "--all", "--json").stdout)
-    assert len(pruned["removed"]) == len(listed["entries"])
-    assert json.loads(run_rockpool(home_a, "cache", "ls", "--json").stdout)["entries"] == []
 
 
 def older_available_version(locked: dict[str, str]) -> tuple[str, str] | None:
@@ -263,3 +260,15 @@ def test_a_locked_version_gone_from_the_mirror_fails_before_the_bootstrap(
     assert "snapshot.debian.org" in result.stderr
     assert "==> bootstrap" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cache_prune_empties_the_cache(home_a: Path) -> None:
+    """Last: the tests above start from store A's cached results."""
+    listed = json.loads(run_rockpool(home_a, "cache", "ls", "--json").stdout)
+    assert listed["entries"]
+    pruned = json.loads(run_rockpool(home_a, "cache", "prune", "--all", "--json").stdout)
+    assert len(pruned["removed"]) == len(listed["entries"])
+    assert json.loads(run_rockpool(home_a, "cache", "ls", "--json").stdout)["entries"] == []
+    # The versions are untouched: the cache only held hard links of their files.
+    for version in Store(home_a).versions("test-small"):
+        assert version.output_path("raw").is_file()
