@@ -181,10 +181,11 @@ def test_a_damaged_cache_entry_is_rebuilt_not_used(home_a: Path) -> None:
 
 
 def older_available_version(locked: dict[str, str]) -> tuple[str, str] | None:
-    """A locked library that the archive also has in an older version (trixie's own,
-    with a point or security update on top), to pin a build to."""
+    """A locked library that the archive also has in an older version (an older
+    security update, superseded by a point release), to pin a build to."""
     available: dict[str, set[str]] = {}
-    for base, suite in (("debian", "trixie"), ("debian", "trixie-updates")):
+    suites = (("debian", "trixie"), ("debian", "trixie-updates"))
+    for base, suite in (*suites, ("debian-security", "trixie-security")):
         url = f"http://deb.debian.org/{base}/dists/{suite}/main/binary-amd64/Packages.xz"
         for name, versions in parse_packages_index(lzma.decompress(fetch(url, None))).items():
             available.setdefault(name, set()).update(versions)
