@@ -89,8 +89,8 @@ class Guest:
         assert self.vm is not None, "start() the guest first"
         return self.vm
 
-    def wait_healthz(self) -> float:
-        return self.running.wait_http(8080, "/healthz", BOOT_DEADLINE)
+    def wait_healthz(self, deadline: float = BOOT_DEADLINE) -> float:
+        return self.running.wait_http(8080, "/healthz", deadline)
 
     def http_get(self, path: str) -> tuple[int, bytes]:
         return self.running.http_get(8080, path)
