@@ -28,12 +28,12 @@ from rockpool.errors import InvalidInput, MissingTool, NotFound, SpecError
 from rockpool.formats import Output, OutputFormat, link_or_copy
 from rockpool.formats.tart import CONFIG, DISK
 from rockpool.formats.tart_oci import TartOciFormat, with_nvram
-from rockpool.pipeline import BuildResult, input_digest, run_build, sha256_file, write_formats
+from rockpool.pipeline import BuildResult, input_digest, run_build, write_formats
 from rockpool.progress import Reporter
 from rockpool.provision import installed_versions, setup_variables
 from rockpool.runtime.tart import vm_dir as tart_vm_dir
 from rockpool.spec import ImageSpec, spec_digest
-from rockpool.store import Store
+from rockpool.store import Store, sha256_file
 
 PLUGIN_SOURCE = "github.com/cirruslabs/tart"
 # 1.19.0: a guest that powers itself off during provisioning is taken as intended

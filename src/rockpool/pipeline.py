@@ -40,12 +40,11 @@ from rockpool.progress import Reporter
 from rockpool.provision import provision, setup_variables
 from rockpool.rootfs import LISTING, restore, snapshot
 from rockpool.spec import ImageSpec, spec_digest
-from rockpool.store import Store, Version
+from rockpool.store import Store, Version, sha256_file
 
 log = logging.getLogger("rockpool.pipeline")
 
 LOGS_KEPT = 20
-_HASH_CHUNK = 8 << 20
 # The modules whose code shapes each stage's result: a change to one is a new input.
 STAGE_MODULES = {
     "bootstrap": ("bootstrap.py",),
@@ -164,14 +163,6 @@ def source_date_epoch_override() -> int | None:
     if not value.isdigit():
         raise InvalidInput(f"SOURCE_DATE_EPOCH must be a Unix time in seconds, not '{value}'")
     return int(value)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_digests(path: Path, known: dict[tuple[int, int], str]) -> dict[str, str]:

@@ -102,24 +102,29 @@ def release_date(mirror: str, suite: str, ca_bundle: Path | None) -> int:
     return int(email.utils.parsedate_to_datetime(found.group(1).decode()).timestamp())
 
 
+def _suites(spec: ImageSpec) -> list[tuple[str, str, str]]:
+    """(spec key, mirror, suite) of every suite a build installs from."""
+    return [
+        ("debian.mirror", spec.mirror, spec.suite),
+        ("debian.mirror", spec.mirror, f"{spec.suite}-updates"),
+        ("debian.security_mirror", spec.security_mirror, f"{spec.suite}-security"),
+    ]
+
+
+def _no_suite(spec: ImageSpec, key: str, mirror: str, suite: str) -> InvalidInput:
+    return InvalidInput(f"{spec.path}: {key} {mirror} has no suite '{suite}'")
+
+
 def archive_epoch(spec: ImageSpec, ca_bundle: Path | None) -> int:
     """The archive state the build installs from, as a time: the newest of the suite's
     Release dates. It is the build's SOURCE_DATE_EPOCH, so the same archive state gives
     the same image, and a clock never enters it."""
-    try:
-        dates = [release_date(spec.mirror, spec.suite, ca_bundle)]
-    except FileNotFoundError:
-        raise InvalidInput(
-            f"{spec.path}: debian.mirror {spec.mirror} has no suite '{spec.suite}'"
-        ) from None
-    for mirror, suite in (
-        (spec.mirror, f"{spec.suite}-updates"),
-        (spec.security_mirror, f"{spec.suite}-security"),
-    ):
+    dates = []
+    for key, mirror, suite in _suites(spec):
         try:
             dates.append(release_date(mirror, suite, ca_bundle))
         except FileNotFoundError:
-            raise InvalidInput(f"{spec.path}: {mirror} has no suite '{suite}'") from None
+            raise _no_suite(spec, key, mirror, suite) from None
     return max(dates)
 
 
@@ -143,14 +148,6 @@ def registry_integrity(spec: ImageSpec, package: str, version: str, ca_bundle: P
     return integrity
 
 
-def _suites(spec: ImageSpec) -> list[tuple[str, str]]:
-    return [
-        (spec.mirror, spec.suite),
-        (spec.mirror, f"{spec.suite}-updates"),
-        (spec.security_mirror, f"{spec.suite}-security"),
-    ]
-
-
 def snapshot_hint(lock: Lock) -> str:
     stamp = dt.datetime.fromtimestamp(lock.source_date_epoch, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     return (
@@ -165,12 +162,12 @@ def check_lock(ctx: BuildContext, lock: Lock) -> None:
     """Every locked version is still to be had, before any slow work starts."""
     spec = ctx.spec
     available: dict[str, set[str]] = {}
-    for mirror, suite in _suites(spec):
+    for key, mirror, suite in _suites(spec):
         url = f"{mirror.rstrip('/')}/dists/{suite}/main/binary-{spec.architecture}/Packages.xz"
         try:
             index = lzma.decompress(fetch(url, ctx.ca_bundle, "*/*"))
         except FileNotFoundError:
-            raise InvalidInput(f"{spec.path}: {mirror} has no suite '{suite}'") from None
+            raise _no_suite(spec, key, mirror, suite) from None
         except lzma.LZMAError:
             raise RegistryUnreachable(f"{url} is not an xz-compressed Packages index") from None
         for name, versions in parse_packages_index(index).items():

@@ -4,7 +4,6 @@ the listing of every file that `rockpool image diff` compares."""
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import stat
@@ -13,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.command import run
+from rockpool.store import sha256_file
 
 LISTING = "rootfs.json.gz"
 _TAR_OPTIONS = ("--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls")
-_CHUNK = 1 << 20
 
 
 def snapshot(root: Path, tarball: Path, members: Sequence[str] = (".",)) -> None:
@@ -57,14 +56,6 @@ def restore(tarball: Path, root: Path) -> None:
     )
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _describe(path: str, info: os.stat_result) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "mode": f"{stat.S_IMODE(info.st_mode):04o}",
@@ -73,7 +64,7 @@ def _describe(path: str, info: os.stat_result) -> dict[str, Any]:
         "mtime": int(info.st_mtime),
     }
     if stat.S_ISREG(info.st_mode):
-        entry.update(type="file", size=info.st_size, sha256=_sha256(path))
+        entry.update(type="file", size=info.st_size, sha256=sha256_file(path))
     elif stat.S_ISDIR(info.st_mode):
         entry["type"] = "dir"
     elif stat.S_ISLNK(info.st_mode):

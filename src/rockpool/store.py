@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ log = logging.getLogger("rockpool.store")
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
 INPUT_INDEX = ".inputs"
+_HASH_CHUNK = 8 << 20
 
 
 def default_root() -> Path:
@@ -65,6 +67,14 @@ class Version:
                 hint=f'add "{fmt}" to image.formats in the spec and build again',
             )
         return self.path / str(outputs[fmt]["file"])
+
+
+def sha256_file(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fsync_directory(path: Path) -> None:
