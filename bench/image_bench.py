@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import write_section
-from rockpool.runtime.qemu import host_arch, kvm_usable
+from rockpool.runtime import kvm
+from rockpool.spec import host_architecture
 from rockpool.store import Store, Version
 from tests.e2e.guest import Guest
 
@@ -71,7 +72,8 @@ def machine_note() -> str:
         platform.processor(),
     )
     memory = number(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())
-    accel = "KVM" if kvm_usable(host_arch()) else "TCG (no usable KVM)"
+    verdict = kvm.choose(host_architecture())
+    accel = "KVM" if verdict.kvm else f"TCG ({verdict.reason})"
     return (
         f"{os.cpu_count()} cores ({cpu}), {memory // 1024 // 1024} GiB RAM, "
         f"{platform.platform()}, guests under {accel}"

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from bench.report import write_section
 from rockpool.runtime.base import State
-from rockpool.runtime.qemu import host_arch
 from rockpool.runtime.qemu_runtime import QemuRuntime
+from rockpool.spec import host_architecture
 from rockpool.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def synthetic_version(store: Store, size_gib: int, work: Path) -> str:
     subprocess.run(["qemu-io", "-f", "qcow2", *writes, str(disk)], check=True, capture_output=True)
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00"),
-        "architecture": host_arch(),
+        "architecture": host_architecture(),
         "spec": {"cpus": 1, "memory": GIB},
         "outputs": {"qcow2": {"file": "disk.qcow2", "size": disk.stat().st_size}},
     }

@@ -6,7 +6,6 @@ import re
 import shlex
 from pathlib import Path
 
-from rockpool import host
 from rockpool.command import clean_environment, contained, run
 from rockpool.context import BuildContext
 from rockpool.progress import Task
@@ -112,9 +111,7 @@ def snapshot_options(spec: ImageSpec) -> list[str]:
 
 
 def bootstrap(ctx: BuildContext) -> None:
-    host.require(host.BUILD_TOOLS, "building an image")
     spec = ctx.spec
-    host.require_foreign_architecture(spec.architecture)
     packages = bootstrap_packages(spec)
     argv: list[str | Path] = [
         "mmdebstrap",

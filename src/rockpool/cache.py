@@ -357,10 +357,14 @@ class CachePlan:
     start: CacheEntry | None = None  # the latest cached stage result to restore
     results: dict[str, str] = field(default_factory=dict)
 
-    def find_start(self) -> None:
+    def find_start(self, until: str | None = None) -> None:
+        """The latest cached result to start from; with until, none after that stage."""
         if not self.read:
             return
-        for stage in reversed(CACHED_STAGES):
+        last = CACHED_STAGES.index(until) + 1 if until in CACHED_STAGES else len(CACHED_STAGES)
+        if until == "preflight":
+            last = 0
+        for stage in reversed(CACHED_STAGES[:last]):
             entry = self.cache.get(stage, self.keys.of(stage))
             if entry is not None:
                 self.start = entry

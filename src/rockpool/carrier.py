@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from rockpool import host
+from rockpool import host, tools
 from rockpool.command import clean_environment, run
 from rockpool.errors import InvalidInput
 from rockpool.names import check_slug
@@ -24,7 +24,6 @@ LABEL = "ROCKPOOL"
 SIZE_KIB = 2048
 ENV_KEY = re.compile(r"^ROCKPOOL_[A-Z0-9_]+$")
 _PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
-TOOLS = {"mkfs.vfat": "dosfstools", "mcopy": "mtools"}
 
 
 def validate_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -53,7 +52,7 @@ def write_carrier(
 
     validate=False writes env as given; tests use it to check the guest's own checks.
     """
-    host.require(TOOLS, "writing a workspace config disk")
+    host.require(tools.CONFIG_DISK, "writing a workspace config disk")
     content = render_env(validate_env(env) if validate else env)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)

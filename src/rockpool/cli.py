@@ -16,7 +16,7 @@ from types import FrameType
 from typing import Any
 
 import rockpool
-from rockpool import host
+from rockpool import host, tools
 from rockpool.carrier import write_carrier
 from rockpool.errors import Conflict, ExitCode, Interrupted, InvalidInput, RockpoolError
 from rockpool.progress import Reporter
@@ -52,6 +52,8 @@ def cmd_image_build(args: argparse.Namespace, reporter: Reporter) -> int:
 
     spec = load_spec(Path(args.spec) if args.spec else default_spec_path())
     store = Store.default()
+    if args.builder == "packer" and args.until:
+        raise InvalidInput("--until needs the mmdebstrap builder (Packer runs as one step)")
     if args.builder == "packer":
         from rockpool.packer import DEFAULT_BASE_VM, build_with_packer
 
@@ -68,8 +70,12 @@ def cmd_image_build(args: argparse.Namespace, reporter: Reporter) -> int:
             force=args.force,
             ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
             use_lock=not args.no_lock,
+            until=args.until,
         )
-    _emit(args, result.to_json(), result.version.ref)
+    if result.version is None:
+        _emit(args, result.to_json(), f"{spec.name}: stopped after {result.stopped_after}")
+    else:
+        _emit(args, result.to_json(), result.version.ref)
     return 0
 
 
@@ -86,7 +92,7 @@ def cmd_image_lock(args: argparse.Namespace, reporter: Reporter) -> int:
     _emit(
         args,
         {"lock": str(path), "architecture": spec.architecture, **result.to_json()},
-        f"wrote {path} ({spec.architecture}) from {result.version.ref}",
+        f"wrote {path} ({spec.architecture}) from {result.landed.ref}",
     )
     return 0
 
@@ -210,7 +216,7 @@ def cmd_config_disk(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def cmd_host_setup(args: argparse.Namespace, reporter: Reporter) -> int:
-    packages = host.packages(with_tests=args.with_tests)
+    packages = tools.all_packages(with_tests=args.with_tests)
     with reporter.stage("installing host packages"):
         host.install_packages(packages)
     with reporter.stage("enabling foreign architectures (binfmt_misc, qemu-user)"):
@@ -406,16 +412,18 @@ def cmd_image_gc(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def cmd_host_check(args: argparse.Namespace, reporter: Reporter) -> int:
-    missing = host.missing_tools({**host.BUILD_TOOLS, **host.RUN_TOOLS})
-    data = {"missing": missing, "ok": not missing}
-    text = (
-        "all host tools present"
-        if not missing
-        else "missing: "
-        + ", ".join(f"{tool} (apt-get install {pkg})" for tool, pkg in missing.items())
-    )
-    _emit(args, data, text)
-    return 0 if not missing else int(ExitCode.MISSING_TOOL)
+    jobs = host.check(with_tests=args.with_tests)
+    ok = all(job["ok"] for job in jobs.values())
+    lines = []
+    for name, job in jobs.items():
+        problems = [f"{program} ({package})" for program, package in job["missing"].items()]
+        problems += [job[key] for key in ("foreign_architecture", "firmware") if key in job]
+        lines.append(f"{name:<16} " + ("ok" if job["ok"] else "missing: " + "; ".join(problems)))
+    absent = sorted({p for job in jobs.values() for p in job["missing"]})
+    if not ok:
+        lines.append(tools.install_hint(absent) if absent else "run: sudo rockpool host setup")
+    _emit(args, {"jobs": jobs, "ok": ok}, "\n".join(lines))
+    return 0 if ok else int(ExitCode.MISSING_TOOL)
 
 
 # ---- parser -----------------------------------------------------------------------------
@@ -453,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--packer-base", metavar="IMAGE", help="the Tart VM or OCI image Packer starts from"
+    )
+    p.add_argument(
+        "--until",
+        choices=["preflight", "bootstrap", "provision", "disk"],
+        help="stop after this stage: its result stays in the stage cache, nothing lands",
     )
     p.set_defaults(handler=cmd_image_build)
     p = image.add_parser(
@@ -592,7 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = hosts.add_parser("setup", parents=[json_flag], help="install the host tools (apt)")
     p.add_argument("--with-tests", action="store_true", help="also what the test suite needs")
     p.set_defaults(handler=cmd_host_setup)
-    p = hosts.add_parser("check", parents=[json_flag], help="list missing host tools")
+    p = hosts.add_parser(
+        "check", parents=[json_flag], help="what each job (build, workspaces, push) lacks here"
+    )
+    p.add_argument("--with-tests", action="store_true", help="also what the test suite needs")
     p.set_defaults(handler=cmd_host_check)
     return parser
 

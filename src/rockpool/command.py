@@ -8,6 +8,7 @@ carrying the tail of the command's stderr.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import logging
 import os
@@ -17,10 +18,11 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+from rockpool import tools
 from rockpool.errors import CommandFailed, MissingTool
 
 log = logging.getLogger("rockpool.command")
@@ -133,7 +135,7 @@ def run(
             preexec_fn=_die_with_parent,
         )
     except FileNotFoundError as exc:
-        raise MissingTool(f"required tool '{args[0]}' is not installed") from exc
+        raise _missing(args[0]) from exc
     assert proc.stdout is not None and proc.stderr is not None
     pumps = [
         threading.Thread(target=_pump, args=(proc.stdout, on_stdout), daemon=True),
@@ -179,8 +181,43 @@ def spawn(
                 start_new_session=True,
             )
     except FileNotFoundError as exc:
-        raise MissingTool(f"required tool '{args[0]}' is not installed") from exc
+        raise _missing(args[0]) from exc
     return proc.pid
+
+
+@contextlib.contextmanager
+def background(
+    argv: Sequence[str | Path], *, log_path: Path, env: Mapping[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run argv while the block runs (a probe VM, say), its output to log_path; it is
+    stopped, with everything it started, when the block ends, and dies with rockpool."""
+    args = [str(a) for a in argv]
+    log.info("$ %s  (while watched)", shlex.join(args))
+    try:
+        with open(log_path, "ab") as output:
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else clean_environment(),
+                preexec_fn=_die_with_parent,
+            )
+    except FileNotFoundError as exc:
+        raise _missing(args[0]) from exc
+    try:
+        yield proc
+    finally:
+        _terminate(proc)
+
+
+def _missing(program: str) -> MissingTool:
+    package = tools.PACKAGES.get(program)
+    return MissingTool(
+        f"required tool '{program}' is not installed"
+        + (f" (Debian package {package})" if package else ""),
+        hint=tools.install_hint([program]),
+    )
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:

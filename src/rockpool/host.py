@@ -1,74 +1,39 @@
-"""The host tools each job needs, the Debian packages that provide them, and their check."""
+"""This host's readiness for each job: the programs it needs (tools.py), root, firmware,
+and foreign-architecture support; and the set-up that installs them."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from rockpool import tools
 from rockpool.command import CLEAN_PATH, clean_environment, run
 from rockpool.errors import MissingTool
 from rockpool.spec import host_architecture
 
-# tool -> Debian package
-BUILD_TOOLS = {
-    "mmdebstrap": "mmdebstrap",
-    "qemu-img": "qemu-utils",
-    "mke2fs": "e2fsprogs",
-    "debugfs": "e2fsprogs",
-    "faketime": "faketime",
-    "tar": "tar",
-    "mkfs.vfat": "dosfstools",
-    "mcopy": "mtools",
-    "mmd": "mtools",
-    "sfdisk": "fdisk",
-    "unshare": "util-linux",
-}
-FOREIGN_BUILD_TOOLS = {
-    "qemu-aarch64-static": "qemu-user-static",
-    "update-binfmts": "binfmt-support",
-}
-RUN_TOOLS = {
-    "qemu-system-x86_64": "qemu-system-x86",
-    "qemu-img": "qemu-utils",
-    "mkfs.vfat": "dosfstools",
-    "mcopy": "mtools",
-}
-RUN_TOOLS_ARM64 = {"qemu-system-aarch64": "qemu-system-arm"}
-PUSH_TOOLS = {"skopeo": "skopeo"}
-FIRMWARE_PACKAGES = {"amd64": "ovmf", "arm64": "qemu-efi-aarch64"}
-# caddy: the real reverse proxy; docker-registry: a real registry on 127.0.0.1;
-# lz4: an LZ4 decoder independent of python-lz4.
-TEST_PACKAGES = ("openssh-client", "caddy", "docker-registry", "lz4")
-# What `rockpool host setup` installs, for building and running both architectures.
-RUNTIME_PACKAGES = sorted(
-    {
-        *BUILD_TOOLS.values(),
-        *FOREIGN_BUILD_TOOLS.values(),
-        *RUN_TOOLS.values(),
-        *RUN_TOOLS_ARM64.values(),
-        *FIRMWARE_PACKAGES.values(),
-        *PUSH_TOOLS.values(),
-        "ca-certificates",
-    }
-)
+if TYPE_CHECKING:
+    from rockpool.spec import ImageSpec
+
+# binfmt_misc entries that run another architecture's binaries under qemu-user.
+BINFMT = {"arm64": "qemu-aarch64", "amd64": "qemu-x86_64"}
+BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
+ARCHITECTURES = ("amd64", "arm64")
 
 
-def packages(*, with_tests: bool = False) -> list[str]:
-    return sorted({*RUNTIME_PACKAGES, *(TEST_PACKAGES if with_tests else ())})
+def missing(programs: Iterable[str]) -> list[str]:
+    """The programs, of those given, that this host's clean PATH lacks."""
+    return sorted({p for p in programs if shutil.which(p, path=CLEAN_PATH) is None})
 
 
-def missing_tools(tools: dict[str, str]) -> dict[str, str]:
-    return {tool: pkg for tool, pkg in tools.items() if shutil.which(tool, path=CLEAN_PATH) is None}
-
-
-def require(tools: dict[str, str], purpose: str) -> None:
-    missing = missing_tools(tools)
-    if missing:
-        packages = " ".join(sorted(set(missing.values())))
+def require(programs: Iterable[str], purpose: str) -> None:
+    absent = missing(programs)
+    if absent:
         raise MissingTool(
-            f"{purpose} needs {', '.join(sorted(missing))}, which the host lacks",
-            hint=f"run: sudo rockpool host setup   (or: sudo apt-get install {packages})",
+            f"{purpose} needs {', '.join(absent)}, which the host lacks",
+            hint=tools.install_hint(absent),
         )
 
 
@@ -80,21 +45,94 @@ def require_root(purpose: str) -> None:
         )
 
 
-# binfmt_misc entries that run another architecture's binaries under qemu-user.
-BINFMT = {"arm64": "qemu-aarch64", "amd64": "qemu-x86_64"}
-BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
+def foreign_programs(arch: str) -> tuple[str, ...]:
+    return (*tools.FOREIGN_BUILD, tools.QEMU_USER[arch])
+
+
+def foreign_support_problem(arch: str) -> str | None:
+    """Why this host cannot run arch's programs, or None when it can.
+
+    mmdebstrap asks arch-test the same question; asking it here answers in a second,
+    before any slow work."""
+    if arch == host_architecture():
+        return None
+    if missing(foreign_programs(arch)):
+        return None  # reported with the packages by require()
+    if not (BINFMT_MISC / BINFMT[arch]).exists():
+        return f"binfmt_misc has no {BINFMT[arch]} entry"
+    result = run(["arch-test", arch], capture=True, check=False)
+    if result.returncode != 0:
+        return f"arch-test {arch} says: {(result.stdout or result.stderr).strip()}"
+    return None
 
 
 def require_foreign_architecture(arch: str) -> None:
     """A root for another architecture runs its maintainer scripts under qemu-user."""
     if arch == host_architecture():
         return
-    require(FOREIGN_BUILD_TOOLS, f"building an {arch} image on this host")
-    if not (BINFMT_MISC / BINFMT[arch]).exists():
+    purpose = f"building an {arch} image on this {host_architecture()} host"
+    require(foreign_programs(arch), purpose)
+    problem = foreign_support_problem(arch)
+    if problem:
         raise MissingTool(
-            f"building an {arch} image needs binfmt_misc support for {BINFMT[arch]}",
+            f"{purpose} needs qemu-user through binfmt_misc: {problem}",
             hint="run: sudo rockpool host setup   (it mounts binfmt_misc and enables qemu-user)",
         )
+
+
+def build_programs(spec: ImageSpec) -> list[str]:
+    """Every program a build of spec runs, its formats' and qemu-user's included."""
+    programs = [*tools.BUILD, *(p for f in spec.formats for p in tools.FORMAT_PROGRAMS[f])]
+    if spec.architecture != host_architecture():
+        programs += foreign_programs(spec.architecture)
+    return sorted(set(programs))
+
+
+def require_build_host(spec: ImageSpec) -> None:
+    """The host part of a build's preflight: root, every program the build will run,
+    and foreign-architecture support; before the network checks and any slow work."""
+    require_root("building an image")
+    require(build_programs(spec), f"building {spec.name} ({spec.architecture})")
+    require_foreign_architecture(spec.architecture)
+
+
+def missing_firmware(arch: str) -> bool:
+    return not any(
+        Path(code).is_file() and Path(variables).is_file()
+        for code, variables in tools.FIRMWARE_FILES[arch]
+    )
+
+
+def check(*, with_tests: bool = False) -> dict[str, dict[str, Any]]:
+    """Each documented job and what this host lacks for it: programs (with their
+    packages), firmware, foreign-architecture support."""
+    all_formats = [p for programs in tools.FORMAT_PROGRAMS.values() for p in programs]
+    jobs: dict[str, dict[str, Any]] = {}
+
+    def job(name: str, programs: Iterable[str], **problems: str | None) -> None:
+        absent = missing(programs)
+        found = {key: value for key, value in problems.items() if value}
+        jobs[name] = {
+            "missing": {program: tools.PACKAGES.get(program) for program in absent},
+            **found,
+            "ok": not absent and not found,
+        }
+
+    for arch in ARCHITECTURES:
+        programs = [*tools.BUILD, *all_formats]
+        if arch != host_architecture():
+            programs += foreign_programs(arch)
+        job(f"build-{arch}", programs, foreign_architecture=foreign_support_problem(arch))
+        firmware = tools.FIRMWARE_PACKAGES[arch]
+        job(
+            f"workspaces-{arch}",
+            [tools.QEMU_SYSTEM[arch], *tools.WORKSPACES],
+            firmware=f"no UEFI firmware (package {firmware})" if missing_firmware(arch) else None,
+        )
+    job("push", tools.PUSH)
+    if with_tests:
+        job("tests", tools.TESTS)
+    return jobs
 
 
 def enable_foreign_architectures() -> list[str]:
@@ -116,6 +154,7 @@ def install_packages(packages: list[str]) -> None:
         )
     env = {"DEBIAN_FRONTEND": "noninteractive"}
     run(["apt-get", "update", "-q"], env=clean_environment(env))
+    # No Recommends: every package a job needs is in the list (tools.py), by name.
     run(
         ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
         env=clean_environment(env),

@@ -322,11 +322,12 @@ def require_packer_host(spec: ImageSpec | None = None) -> None:
             hint=f"run: {BREW_HINT}",
         )
     for fmt in spec.formats if spec is not None else ():
-        absent = host.missing_tools(FORMAT_TOOLS.get(fmt, {}))
+        needed = FORMAT_TOOLS.get(fmt, {})
+        absent = host.missing(needed)
         if absent:
             raise MissingTool(
                 f"writing the {fmt} output needs {', '.join(absent)}, which is not in {CLEAN_PATH}",
-                hint=f"run: brew install {' '.join(sorted(set(absent.values())))}, or drop "
+                hint=f"run: brew install {' '.join(sorted({needed[a] for a in absent}))}, or drop "
                 f'"{fmt}" from image.formats',
             )
 

@@ -58,14 +58,27 @@ ROOT_TARBALL = "root.tar"
 
 @dataclass(frozen=True)
 class BuildResult:
-    version: Version
+    version: Version | None  # None when the build stopped early (until) and landed nothing
     reused: bool
     log_path: Path | None
     # What each stage of this build did; the manifest of a version that was already
     # stored (the same bytes again) tells its first build's.
     stages: dict[str, str] = field(default_factory=dict)
+    stopped_after: str | None = None
+
+    @property
+    def landed(self) -> Version:
+        if self.version is None:
+            raise RockpoolError(f"the build stopped after {self.stopped_after}; nothing landed")
+        return self.version
 
     def to_json(self) -> dict[str, Any]:
+        if self.version is None:
+            return {
+                "stopped_after": self.stopped_after,
+                "stages": self.stages,
+                "log": str(self.log_path) if self.log_path else None,
+            }
         return {
             "image": self.version.ref,
             "name": self.version.name,
@@ -417,10 +430,12 @@ def build(
     force: bool = False,
     ca_bundle: Path | None = None,
     use_lock: bool = True,
+    until: str | None = None,
 ) -> BuildResult:
-    """Build spec's image, from its lock when it has one (and use_lock is set)."""
-    host.require_root("building an image")
-    host.require(host.BUILD_TOOLS, "building an image")
+    """Build spec's image, from its lock when it has one (and use_lock is set); with
+    until, run the stages up to that one only: their results go to the stage cache, and
+    nothing lands."""
+    host.require_build_host(spec)
     bundle = checked_ca_bundle(ca_bundle) if ca_bundle else default_ca_bundle()
     cache = StageCache.of_store(store.root)
     max_bytes = configured_max_bytes()
@@ -443,6 +458,7 @@ def build(
         epoch=(lambda: lock.source_date_epoch) if lock else (lambda: archive_epoch(spec, bundle)),
         cache=cache,
         lock=lock,
+        until=until,
     )
     for entry in cache.prune(max_bytes):
         log.info("cache: pruned %s %s (over %d bytes)", entry.stage, entry.key, max_bytes)
@@ -460,7 +476,7 @@ def lock_spec(
     """
     result = build(spec, store, reporter, ca_bundle=ca_bundle, use_lock=False)
     bundle = checked_ca_bundle(ca_bundle) if ca_bundle else default_ca_bundle()
-    manifest = result.version.manifest
+    manifest = result.landed.manifest
     installed = manifest["packages"]
     npm = {
         name: {
@@ -504,6 +520,7 @@ def run_build(
     epoch: Callable[[], int] = lambda: int(time.time()),
     cache: StageCache | None = None,
     lock: Lock | None = None,
+    until: str | None = None,
 ) -> BuildResult:
     """Reuse the version built from the same inputs, or run the stages in a staging
     directory, each timed and logged, and land what they wrote in the store.
@@ -513,7 +530,10 @@ def run_build(
     ignores both the stored version and the cache."""
     override = source_date_epoch_override()
     store.repair_latest(spec.name)
-    if not force:
+    if until is not None:
+        names = [name for name, _ in stages]
+        stages = stages[: names.index(until) + 1]
+    elif not force:
         existing = store.find_by_input(spec.name, digest)
         if existing is not None:
             reporter.info(f"{existing.ref} is up to date (same inputs); use --force to rebuild")
@@ -541,7 +561,7 @@ def run_build(
             if cache is not None:
                 keys = stage_keys(spec, ctx.source_date_epoch, lock)
                 ctx.cache_plan = CachePlan(cache, keys, read=not force)
-                ctx.cache_plan.find_start()
+                ctx.cache_plan.find_start(until)
             # Load every format backend now: a build runs for up to an hour and a half,
             # and must not import code that was changed on disk meanwhile.
             for name in spec.formats:
@@ -549,6 +569,11 @@ def run_build(
             for name, stage in stages:
                 with ctx.stage(name):
                     stage(ctx)
+            if until is not None:
+                reporter.info(f"stopped after {until}; its result is in the stage cache")
+                return BuildResult(
+                    None, False, log_path, ctx.facts.get("stages", {}), stopped_after=until
+                )
             with ctx.stage("store"):
                 version = land(ctx, started)
     except CommandFailed as exc:

@@ -23,7 +23,9 @@ ARM64_SPEC = Path(os.environ.get("ROCKPOOL_TEST_ARM64_SPEC", REPO / "tests/specs
 @pytest.fixture(scope="session")
 def store_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     existing = os.environ.get("ROCKPOOL_TEST_STORE")
-    if existing:  # reuse a store between local runs; CI always starts empty
+    # A store to reuse between local runs. CI passes one that holds only the stage
+    # cache's bootstraps of the test specs, made by scripts/check-fresh-root.sh.
+    if existing:
         return Path(existing)
     return tmp_path_factory.mktemp("store")
 

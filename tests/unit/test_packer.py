@@ -324,7 +324,7 @@ def test_a_packer_build_lands_the_vm_tart_made(stand_ins: Path, tmp_path: Path) 
     result = packer.build_with_packer(spec, store, reporter, force=False, base_vm=BASE)
 
     assert not result.reused
-    version = result.version
+    version = result.landed
     bundle = version.output_path("tart")
     assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "disk.img", "nvram.bin"]
     assert (bundle / "nvram.bin").read_bytes() == b"VZEFIVariableStore stand-in"
@@ -353,7 +353,7 @@ def test_a_packer_build_lands_the_vm_tart_made(stand_ins: Path, tmp_path: Path) 
     assert list((tmp_path / "store" / "staging").iterdir()) == []
 
     again = packer.build_with_packer(spec, store, reporter, force=False, base_vm=BASE)
-    assert again.reused and again.version.id == version.id
+    assert again.reused and again.landed.id == version.id
     assert len(calls(stand_ins)) == len(made)  # nothing ran
 
 

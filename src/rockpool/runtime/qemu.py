@@ -1,13 +1,13 @@
 """QEMU: UEFI firmware with a fresh NVRAM, virtio devices, user-mode networking with
-host port forwards bound to 127.0.0.1, and a QMP socket for graceful shutdown.
+host port forwards bound to 127.0.0.1, and a QMP socket for state and shutdown.
 
-KVM is used only when a real probe guest runs under it; otherwise TCG.
+KVM is used only where a guest really runs under it (kvm.py); a KVM guest that fails at
+start is restarted under TCG.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import http.client
 import logging
 import os
@@ -15,127 +15,38 @@ import random
 import shutil
 import signal
 import socket
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rockpool import host
+from rockpool import host, tools
 from rockpool.command import run
 from rockpool.errors import CommandFailed, MissingTool, RockpoolError
+from rockpool.runtime import kvm, qmp
+from rockpool.runtime.kvm import MACHINE, Firmware
 
 log = logging.getLogger("rockpool.qemu")
 
-QEMU_BINARY = {"amd64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
-MACHINE = {"amd64": ["-machine", "q35"], "arm64": ["-machine", "virt"]}
-HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
-# (code, vars template) in the order they are tried.
-FIRMWARE = {
-    "amd64": [
-        ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
-        ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
-    ],
-    "arm64": [("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd")],
-}
-PROBE_TIMEOUT = 20.0
-# amd64 reset vector: mov al,0x2a; out 0xf4,al (isa-debug-exit); hlt.
-_X86_PROBE = bytes.fromhex("b02ae6f4f4ebfd")
-_X86_PROBE_EXIT = (0x2A << 1) | 1
-# arm64 at address 0: PSCI SYSTEM_OFF through hvc, which makes QEMU exit with 0.
-_ARM_PROBE = bytes.fromhex("000180520080b072020000d4")
-
-
-@dataclass(frozen=True)
-class Firmware:
-    code: Path
-    vars_template: Path
+TCG_CPU = {"amd64": "max", "arm64": "max,pauth-impdef=on"}
+START_WATCH_SECONDS = 30.0
 
 
 def find_firmware(arch: str) -> Firmware:
-    for code, variables in FIRMWARE[arch]:
-        if Path(code).is_file() and Path(variables).is_file():
-            return Firmware(Path(code), Path(variables))
-    package = host.FIRMWARE_PACKAGES[arch]
-    raise MissingTool(
-        f"no UEFI firmware for {arch} guests is installed",
-        hint=f"run: sudo apt-get install {package}",
-    )
+    firmware = kvm.find_firmware(arch)
+    if firmware is None:
+        raise MissingTool(
+            f"no UEFI firmware for {arch} guests is installed",
+            hint=f"run: sudo apt-get install {tools.FIRMWARE_PACKAGES[arch]}",
+        )
+    return firmware
 
 
-def host_arch() -> str:
-    return HOST_ARCH.get(os.uname().machine, os.uname().machine)
-
-
-@functools.cache
-def kvm_usable(arch: str) -> bool:
-    """Run a tiny guest under KVM; trust KVM only if it really ran to its exit."""
-    forced = os.environ.get("ROCKPOOL_ACCEL", "").strip().lower()
-    if forced in ("kvm", "tcg"):
-        return forced == "kvm"
-    if arch != host_arch() or not os.path.exists("/dev/kvm"):
-        return False
-    binary = shutil.which(QEMU_BINARY[arch])
-    if binary is None:
-        return False
-    with tempfile.TemporaryDirectory() as scratch:
-        bios = Path(scratch) / "probe.bin"
-        if arch == "amd64":
-            image = bytearray(64 * 1024)
-            image[0xFFF0 : 0xFFF0 + len(_X86_PROBE)] = _X86_PROBE
-            bios.write_bytes(bytes(image))
-            # The same machine and CPU model as real VMs: a plain probe can pass where
-            # `-cpu host` then fails (seen: MSR 0x10a assertion on first instruction).
-            argv = [
-                binary,
-                *MACHINE[arch],
-                "-accel",
-                "kvm",
-                "-cpu",
-                "host",
-                "-display",
-                "none",
-                "-nodefaults",
-                "-no-reboot",
-                "-bios",
-                str(bios),
-                "-device",
-                "isa-debug-exit,iobase=0xf4,iosize=0x01",
-            ]
-            expected = _X86_PROBE_EXIT
-        else:
-            bios.write_bytes(_ARM_PROBE.ljust(64 * 1024, b"\0"))
-            argv = [
-                binary,
-                *MACHINE[arch],
-                "-cpu",
-                "host",
-                "-accel",
-                "kvm",
-                "-display",
-                "none",
-                "-nodefaults",
-                "-bios",
-                str(bios),
-            ]
-            expected = 0
-        try:
-            result = run(argv, check=False, timeout=PROBE_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            log.info("KVM probe hung; using TCG")
-            return False
-        usable = result.returncode == expected
-        log.info("KVM probe exit status %s: %s", result.returncode, "KVM" if usable else "TCG")
-        return usable
-
-
-def accelerator_args(arch: str) -> list[str]:
-    if kvm_usable(arch):
+def accelerator_args(arch: str, verdict: kvm.Verdict) -> list[str]:
+    if verdict.kvm:
         return ["-accel", "kvm", "-cpu", "host"]
     # Under TCG, arm64's architected pointer authentication costs a lot of emulation;
     # the implementation-defined algorithm is much cheaper and guests cannot tell.
-    tcg_cpu = {"amd64": "max", "arm64": "max,pauth-impdef=on"}[arch]
-    return ["-accel", "tcg,thread=multi", "-cpu", tcg_cpu]
+    return ["-accel", "tcg,thread=multi", "-cpu", TCG_CPU[arch]]
 
 
 def free_port() -> int:
@@ -174,6 +85,7 @@ class QemuVM:
     def __init__(self, config: VMConfig) -> None:
         self.config = config
         self.started_at = 0.0
+        self.accelerator: kvm.Verdict | None = None
 
     @property
     def pidfile(self) -> Path:
@@ -187,7 +99,7 @@ class QemuVM:
     def console_log(self) -> Path:
         return self.config.run_dir / "console.log"
 
-    def argv(self) -> list[str]:
+    def argv(self, verdict: kvm.Verdict) -> list[str]:
         c = self.config
         firmware = find_firmware(c.arch)
         nvram = c.run_dir / "nvram.fd"
@@ -198,11 +110,11 @@ class QemuVM:
         )
         netdev = "user,id=net0" + (f",{forwards}" if forwards else "")
         argv = [
-            QEMU_BINARY[c.arch],
+            tools.QEMU_SYSTEM[c.arch],
             "-name",
             f"rockpool-{c.name}",
             *MACHINE[c.arch],
-            *accelerator_args(c.arch),
+            *accelerator_args(c.arch, verdict),
             "-smp",
             str(c.cpus),
             "-m",
@@ -239,16 +151,51 @@ class QemuVM:
             ]
         return argv
 
-    def start(self) -> None:
-        binary = QEMU_BINARY[self.config.arch]
-        host.require({binary: {**host.RUN_TOOLS, **host.RUN_TOOLS_ARM64}[binary]}, "running a VM")
+    def start(self) -> kvm.Verdict:
+        """Boot the VM; under KVM, watch its first seconds and restart it under TCG if
+        the guest fails there. Returns the accelerator it runs on, and why."""
+        host.require([tools.QEMU_SYSTEM[self.config.arch]], "running a VM")
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        verdict = kvm.choose(self.config.arch)
+        if verdict.kvm:
+            failure = self._launch_kvm(verdict)
+            if failure is None:
+                self.accelerator = verdict
+                return verdict
+            verdict = kvm.remember(
+                self.config.arch, "tcg", f"a KVM guest failed at start ({failure}); using TCG"
+            )
+        self._launch(verdict)
+        self.accelerator = verdict
+        return verdict
+
+    def _launch(self, verdict: kvm.Verdict) -> None:
         self.qmp_socket.unlink(missing_ok=True)
         self.pidfile.unlink(missing_ok=True)
         self.console_log.unlink(missing_ok=True)
         self.started_at = time.monotonic()
         # -daemonize returns once QEMU is set up, with its errors on our stderr.
-        run([*self.argv(), "-daemonize", "-pidfile", str(self.pidfile)], timeout=120)
+        run([*self.argv(verdict), "-daemonize", "-pidfile", str(self.pidfile)], timeout=120)
+
+    def _launch_kvm(self, verdict: kvm.Verdict) -> str | None:
+        """Start under KVM and watch until the firmware prints; None if it runs, else
+        why not (the failed QEMU is gone by then)."""
+        try:
+            self._launch(verdict)
+        except CommandFailed as exc:
+            return f"QEMU exited with status {exc.returncode}: {exc.stderr_tail.strip()[-200:]}"
+        works, reason = kvm.watch_start(
+            lambda: None if self.alive() else -1,
+            self.qmp_socket,
+            self.console_log,
+            START_WATCH_SECONDS,
+            lambda: _tail(self.console_log, 5),
+        )
+        if works:
+            return None
+        log.info("%s: %s; restarting it under TCG", self.config.name, reason)
+        self.kill()
+        return reason
 
     @property
     def pid(self) -> int | None:
@@ -269,7 +216,7 @@ class QemuVM:
     def _check_alive(self) -> None:
         if not self.alive():
             tail = _tail(self.console_log)
-            raise CommandFailed([QEMU_BINARY[self.config.arch]], -1, tail)
+            raise CommandFailed([tools.QEMU_SYSTEM[self.config.arch]], -1, tail)
 
     def wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -309,14 +256,7 @@ class QemuVM:
         )
 
     def qmp(self, command: str) -> None:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        monitor = QEMUMonitorProtocol(str(self.qmp_socket))
-        monitor.connect()
-        try:
-            monitor.cmd(command)
-        finally:
-            monitor.close()
+        qmp.execute(self.qmp_socket, command)
 
     def stop(self, timeout: float = 90.0) -> bool:
         """ACPI power-down, then a hard stop after timeout. True if the guest shut down."""

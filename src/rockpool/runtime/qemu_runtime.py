@@ -103,6 +103,7 @@ class QemuRuntime(Runtime):
                 "disk": str(vm.config.disk),
                 "pid": vm.pid,
                 "console_log": str(vm.console_log),
+                "accelerator": record.get("accelerator"),
             },
         )
 
@@ -163,7 +164,9 @@ class QemuRuntime(Runtime):
             write_config_disk(directory, name, record["instance_id"], env, authorized_keys)
             record["forwards"] = {"8080": free_port(), "22": free_port()}
             write_json_atomic(directory / RECORD, record)
-            self._vm(name, record).start()
+            verdict = self._vm(name, record).start()
+            record["accelerator"] = {"name": verdict.accelerator, "reason": verdict.reason}
+            write_json_atomic(directory / RECORD, record)
             return self._workspace(name, record)
 
     def stop(self, name: str, timeout: float = 90.0) -> Workspace:

@@ -1,0 +1,148 @@
+"""Every external program rockpool runs, the Debian package that provides it, and the
+jobs that need it.
+
+This is the one list the host set-up installs from, the preflight checks against and
+the command wrapper names a package from; tests/unit/test_tools.py checks that every
+program the code runs is in it.
+"""
+
+from __future__ import annotations
+
+# program -> the Debian package that provides it
+PACKAGES: dict[str, str] = {
+    "apt-get": "apt",
+    "arch-test": "arch-test",  # mmdebstrap runs it for a foreign architecture
+    "bash": "bash",
+    "chroot": "coreutils",
+    "cp": "coreutils",
+    "dd": "coreutils",
+    "install": "coreutils",
+    "mkdir": "coreutils",
+    "rm": "coreutils",
+    "debugfs": "e2fsprogs",
+    "dumpe2fs": "e2fsprogs",
+    "mke2fs": "e2fsprogs",
+    "faketime": "faketime",
+    "mkfs.vfat": "dosfstools",
+    "mcopy": "mtools",
+    "mmd": "mtools",
+    "mmdebstrap": "mmdebstrap",
+    "mount": "mount",  # mmdebstrap's root mode mounts /proc, /sys and /dev with it
+    "qemu-img": "qemu-utils",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-system-aarch64": "qemu-system-arm",
+    "qemu-aarch64-static": "qemu-user-static",
+    "qemu-x86_64-static": "qemu-user-static",
+    "sfdisk": "fdisk",
+    "skopeo": "skopeo",
+    "tar": "tar",
+    "unshare": "util-linux",
+    "update-binfmts": "binfmt-support",
+    # what the test suite runs beside rockpool, to check its work independently
+    "blkid": "util-linux",
+    "caddy": "caddy",
+    "curl": "curl",
+    "docker-registry": "docker-registry",
+    "dpkg": "dpkg",
+    "e2fsck": "e2fsprogs",
+    "echo": "coreutils",
+    "env": "coreutils",
+    "kill": "procps",
+    "losetup": "mount",
+    "lz4": "lz4",
+    "mdir": "mtools",
+    "mtype": "mtools",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+}
+# Packages whose files, not programs, rockpool uses: UEFI firmware for each guest
+# architecture, and the CA bundle behind registry downloads.
+FIRMWARE_PACKAGES = {"amd64": "ovmf", "arm64": "qemu-efi-aarch64"}
+# (code, vars template) of each architecture's firmware, in the order they are tried.
+FIRMWARE_FILES = {
+    "amd64": [
+        ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+        ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+    ],
+    "arm64": [("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd")],
+}
+DATA_PACKAGES = ("ca-certificates", *FIRMWARE_PACKAGES.values())
+# Programs that only macOS has (the Packer path and the Tart runtime): not from Debian.
+MACOS_PROGRAMS = {
+    "packer": "brew install hashicorp/tap/packer",
+    "tart": "brew install cirruslabs/cli/tart",
+}
+
+# What each job runs. A build also runs what its formats need (FORMAT_PROGRAMS) and,
+# for another architecture, FOREIGN_BUILD.
+BUILD = (
+    "mmdebstrap",
+    "mount",
+    "unshare",
+    "bash",
+    "chroot",
+    "install",
+    "mkdir",
+    "rm",
+    "cp",
+    "dd",
+    "tar",
+    "mke2fs",
+    "debugfs",
+    "dumpe2fs",
+    "faketime",
+    "mkfs.vfat",
+    "mmd",
+    "mcopy",
+    "sfdisk",
+)
+# The qemu-user interpreter that runs an architecture's programs on another host.
+QEMU_USER = {"arm64": "qemu-aarch64-static", "amd64": "qemu-x86_64-static"}
+FOREIGN_BUILD = ("arch-test", "update-binfmts")
+FORMAT_PROGRAMS: dict[str, tuple[str, ...]] = {
+    "raw": ("cp",),
+    "qcow2": ("qemu-img",),
+    "tart": ("cp",),
+    "tart-oci": (),
+}
+QEMU_SYSTEM = {"amd64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
+CONFIG_DISK = ("mkfs.vfat", "mcopy")
+WORKSPACES = ("qemu-img", *CONFIG_DISK)
+PUSH = ("skopeo",)
+HOST_SETUP = ("apt-get", "mount", "update-binfmts")
+TESTS = (
+    "blkid",
+    "caddy",
+    "curl",
+    "docker-registry",
+    "dpkg",
+    "e2fsck",
+    "echo",
+    "env",
+    "kill",
+    "losetup",
+    "lz4",
+    "mdir",
+    "mtype",
+    "ssh",
+    "ssh-keygen",
+)
+
+
+def install_hint(programs: list[str] | tuple[str, ...]) -> str:
+    """The command that installs programs: apt for Debian's, Homebrew for macOS's."""
+    debian = sorted({PACKAGES[p] for p in programs if p in PACKAGES})
+    brew = sorted({MACOS_PROGRAMS[p] for p in programs if p in MACOS_PROGRAMS})
+    hints = []
+    if debian:
+        hints.append(
+            "run: sudo rockpool host setup   (or: sudo apt-get install " + " ".join(debian) + ")"
+        )
+    hints += [f"run: {command}" for command in brew]
+    return "; ".join(hints) or "install it and make sure it is on PATH"
+
+
+def all_packages(*, with_tests: bool = False) -> list[str]:
+    """What the host set-up installs: every job's packages, and with_tests the suite's."""
+    programs = [program for program in PACKAGES if with_tests or program not in TESTS]
+    return sorted({PACKAGES[program] for program in programs} | set(DATA_PACKAGES))
