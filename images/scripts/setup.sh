@@ -485,6 +485,15 @@ if [ -f /run/rockpool-config/env ]; then
 fi
 umount /run/rockpool-config
 [ -n "$instance" ] || { say "no ROCKPOOL_INSTANCE_ID; identity unchanged"; exit 0; }
+# The host's rule (rockpool.names.INSTANCE_ID_PATTERN), checked again here.
+case "$instance" in
+  [A-Za-z0-9]*) ;;
+  *) say "invalid ROCKPOOL_INSTANCE_ID; identity unchanged"; exit 0 ;;
+esac
+case "$instance" in
+  *[!A-Za-z0-9_-]*) say "invalid ROCKPOOL_INSTANCE_ID; identity unchanged"; exit 0 ;;
+esac
+[ "${#instance}" -le 64 ] || { say "ROCKPOOL_INSTANCE_ID too long; identity unchanged"; exit 0; }
 record="${rootmnt}/var/lib/rockpool/instance-id"
 current=""
 [ -f "$record" ] && read -r current <"$record"
@@ -496,7 +505,7 @@ if ! mount -o remount,rw "${rootmnt}" "${rootmnt}"; then
 fi
 chroot "${rootmnt}" /bin/sh -c 'rm -f /etc/ssh/ssh_host_* /var/lib/systemd/random-seed \
   /var/lib/dbus/machine-id && : >/etc/machine-id && mkdir -p /var/lib/rockpool'
-echo "$instance" >"$record"
+printf '%s\n' "$instance" >"$record"  # echo would expand backslashes (klibc's sh)
 sync
 mount -o remount,ro "${rootmnt}" "${rootmnt}"
 say "instance $instance is new to this disk: SSH host keys and machine-id are made anew"

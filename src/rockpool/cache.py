@@ -12,12 +12,14 @@ use; an entry that fails the check is deleted and its stage runs again.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.errors import InvalidInput
-from rockpool.store import fsync_directory, write_json_atomic
+from rockpool.store import Store, fsync_directory, write_json_atomic
 from rockpool.units import parse_size
 
 log = logging.getLogger("rockpool.cache")
@@ -95,6 +97,7 @@ class CacheEntry:
     files: dict[str, dict[str, Any]]
     facts: dict[str, Any]
     created: str
+    problem: str | None = None  # why the entry cannot be used (shown by cache ls)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -112,6 +115,7 @@ class CacheEntry:
             "stage": self.stage,
             "key": self.key,
             "path": str(self.path),
+            "damaged": self.problem,
             "created": self.created,
             "last_used": dt.datetime.fromtimestamp(self.last_used, dt.UTC).isoformat(
                 timespec="seconds"
@@ -146,26 +150,52 @@ def _member_files(path: Path, name: str) -> dict[str, Path]:
     }
 
 
+_KEY = re.compile(r"[0-9a-f]{64}")
+
+
+def _unreadable(problem: str) -> ValueError:
+    return ValueError(problem)
+
+
 class StageCache:
-    def __init__(self, root: Path) -> None:
+    """Entries are added under the store's lock shared and pruned under it exclusive,
+    so a build never restores an entry a prune is deleting."""
+
+    def __init__(self, root: Path, store: Store | None = None) -> None:
         self.root = root
+        self.store = store
 
     @classmethod
     def of_store(cls, store_root: Path) -> StageCache:
-        return cls(store_root / "cache")
+        return cls(store_root / "cache", Store(store_root))
+
+    def locked(self, *, exclusive: bool) -> contextlib.AbstractContextManager[None]:
+        if self.store is None:
+            return contextlib.nullcontext()
+        return self.store.locked(exclusive=exclusive)
 
     def _entry_dir(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
     def _read(self, path: Path) -> CacheEntry:
+        """An entry as recorded; ValueError (and the like) when its record is damaged or
+        names files outside its own directory."""
         data = json.loads((path / ENTRY).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+            raise _unreadable(f"{ENTRY} is not a record of files")
+        if data.get("stage") != path.parent.name or data.get("key") != path.name:
+            raise _unreadable(f"{ENTRY} names another entry")
+        for name, record in data["files"].items():
+            parts = name.split("/")
+            if any(part in ("", ".", "..") for part in parts) or not isinstance(record, dict):
+                raise _unreadable(f"{ENTRY} names a file outside the entry: {name!r}")
         return CacheEntry(
             stage=data["stage"],
             key=data["key"],
             path=path,
             files=data["files"],
             facts=data.get("facts", {}),
-            created=data["created"],
+            created=str(data.get("created", "")),
         )
 
     def _damage(self, entry: CacheEntry) -> str | None:
@@ -183,18 +213,19 @@ class StageCache:
     def get(self, stage: str, key: str) -> CacheEntry | None:
         """The verified entry for key, or None; a damaged entry is removed."""
         path = self._entry_dir(stage, key)
-        if not path.is_dir():
-            return None
-        try:
-            entry = self._read(path)
-            problem = self._damage(entry)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            problem = f"unreadable {ENTRY} ({exc})"
-        if problem is not None:
-            log.warning("cache: %s entry %s is damaged (%s); rebuilding it", stage, key, problem)
-            self.remove_path(path)
-            return None
-        os.utime(path)  # last use, for pruning
+        with self.locked(exclusive=False):
+            if not path.is_dir() or path.is_symlink():
+                return None
+            try:
+                entry = self._read(path)
+                problem = self._damage(entry)
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+                problem = f"unreadable {ENTRY} ({exc})"
+            if problem is not None:
+                log.warning("cache: %s entry %s is damaged (%s); rebuilding", stage, key, problem)
+                self.remove_path(path)
+                return None
+            os.utime(path)  # last use, for pruning
         log.info("cache: %s hit %s", stage, key)
         return entry
 
@@ -238,13 +269,14 @@ class StageCache:
                 with open(member, "rb") as handle:
                     os.fsync(handle.fileno())
         target = self._entry_dir(stage, key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(assembling, target)
-        except OSError:  # another build stored the same key first; theirs is as good
-            shutil.rmtree(assembling, ignore_errors=True)
-        else:
-            fsync_directory(target.parent)
+        with self.locked(exclusive=False):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(assembling, target)
+            except OSError:  # another build stored the same key first; theirs is as good
+                shutil.rmtree(assembling, ignore_errors=True)
+            else:
+                fsync_directory(target.parent)
         log.info("cache: %s stored %s", stage, key)
         return self._read(target)
 
@@ -261,16 +293,33 @@ class StageCache:
         )
 
     def entries(self) -> list[CacheEntry]:
+        """Every entry, a damaged one included (with its problem): only prune, or a build
+        that needs it, removes one."""
         found: list[CacheEntry] = []
         if not self.root.is_dir():
             return found
         for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            if stage_dir.name.startswith(".") or stage_dir.is_symlink():
+                continue
             for path in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
+                if path.name.startswith(".") or path.is_symlink():
+                    continue  # a removal under way
                 try:
                     found.append(self._read(path))
-                except (OSError, ValueError, KeyError, TypeError):
-                    log.warning("cache: removing unreadable entry %s", path)
-                    self.remove_path(path)
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+                except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+                    found.append(
+                        CacheEntry(
+                            stage=stage_dir.name,
+                            key=path.name,
+                            path=path,
+                            files={},
+                            facts={},
+                            created="",
+                            problem=f"unreadable {ENTRY}: {exc}",
+                        )
+                    )
         return found
 
     def remove_path(self, path: Path) -> None:
@@ -285,20 +334,22 @@ class StageCache:
     def prune(self, max_bytes: int, *, stage: str | None = None) -> list[CacheEntry]:
         """Remove least recently used entries until the cache holds at most max_bytes.
 
-        max_bytes 0 empties it (or one stage's entries)."""
-        self._sweep_trash()
-        everything = self.entries()
-        sizes = {e.path: e.allocated for e in everything}
-        total = sum(sizes.values())
-        removed: list[CacheEntry] = []
-        candidates = [e for e in everything if stage is None or e.stage == stage]
-        for entry in sorted(candidates, key=lambda e: e.last_used):
-            if total <= max_bytes:
-                break
-            self.remove_path(entry.path)
-            total -= sizes[entry.path]
-            removed.append(entry)
-        return removed
+        max_bytes 0 empties it (or one stage's entries). Damaged entries go first,
+        whatever the size."""
+        with self.locked(exclusive=True):
+            self._sweep_trash()
+            everything = self.entries()
+            sizes = {e.path: e.allocated for e in everything}
+            total = sum(sizes.values())
+            removed: list[CacheEntry] = []
+            candidates = [e for e in everything if stage is None or e.stage == stage]
+            for entry in sorted(candidates, key=lambda e: (e.problem is None, e.last_used)):
+                if total <= max_bytes and entry.problem is None:
+                    break
+                self.remove_path(entry.path)
+                total -= sizes[entry.path]
+                removed.append(entry)
+            return removed
 
     def _sweep_trash(self) -> None:
         """Entries a killed prune left half-deleted (renamed out of view, older than

@@ -18,7 +18,7 @@ from pathlib import Path
 from rockpool import host, tools
 from rockpool.command import clean_environment, run
 from rockpool.errors import InvalidInput
-from rockpool.names import check_slug
+from rockpool.names import check_slug, is_instance_id
 
 LABEL = "ROCKPOOL"
 SIZE_KIB = 2048
@@ -29,15 +29,21 @@ _PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
 def validate_env(env: Mapping[str, str]) -> dict[str, str]:
     """The same rules the guest applies, checked on the host where errors are cheap."""
     for key, value in env.items():
-        if not ENV_KEY.match(key):
+        if not ENV_KEY.fullmatch(key):
             raise InvalidInput(
                 f"invalid variable name '{key}': workspace variables are ROCKPOOL_[A-Z0-9_]+"
             )
-        if not _PRINTABLE.match(value):
+        if not _PRINTABLE.fullmatch(value):
             raise InvalidInput(f"{key} must be printable ASCII on one line")
     if "ROCKPOOL_WORKSPACE_NAME" not in env:
         raise InvalidInput("ROCKPOOL_WORKSPACE_NAME is required")
     check_slug(env["ROCKPOOL_WORKSPACE_NAME"], "ROCKPOOL_WORKSPACE_NAME")
+    instance = env.get("ROCKPOOL_INSTANCE_ID")
+    if instance is not None and not is_instance_id(instance):
+        raise InvalidInput(
+            f"invalid ROCKPOOL_INSTANCE_ID '{instance}': use 1 to 64 of A-Z, a-z, 0-9, '_' "
+            "and '-', starting with a letter or digit"
+        )
     return dict(env)
 
 

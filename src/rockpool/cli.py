@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
-import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -18,7 +18,13 @@ from typing import Any
 import rockpool
 from rockpool import host, tools
 from rockpool.carrier import write_carrier
-from rockpool.errors import Conflict, ExitCode, Interrupted, InvalidInput, RockpoolError
+from rockpool.errors import (
+    ExitCode,
+    Interrupted,
+    InvalidInput,
+    RockpoolError,
+    Terminated,
+)
 from rockpool.progress import Reporter
 from rockpool.runtime.base import Runtime, Workspace
 from rockpool.runtime.qemu_runtime import QemuRuntime
@@ -71,6 +77,7 @@ def cmd_image_build(args: argparse.Namespace, reporter: Reporter) -> int:
             ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
             use_lock=not args.no_lock,
             until=args.until,
+            verify=not args.no_verify,
         )
     if result.version is None:
         _emit(args, result.to_json(), f"{spec.name}: stopped after {result.stopped_after}")
@@ -116,6 +123,8 @@ def cmd_image_ls(args: argparse.Namespace, reporter: Reporter) -> int:
     names = [args.name] if args.name else store.image_names()
     rows = []
     for name in names:
+        for problem in store.damaged(name):
+            reporter.warn(str(problem))
         latest = store.latest_id(name)
         rows += [_version_summary(v, latest) for v in reversed(store.versions(name))]
     lines = [f"{'IMAGE':<30} {'CREATED':<26} {'ARCH':<6} FORMATS"]
@@ -254,10 +263,6 @@ def _runtime(name: str | None = None) -> Runtime:
     return QemuRuntime(Store.default())
 
 
-def _qemu_runtime() -> QemuRuntime:
-    return QemuRuntime(Store.default())
-
-
 def _workspace_line(workspace: Workspace) -> str:
     where = f"  {workspace.endpoint.url}" if workspace.endpoint else ""
     return f"{workspace.name:<24} {workspace.state.value:<8} {workspace.image}{where}"
@@ -276,6 +281,8 @@ def cmd_workspace(args: argparse.Namespace, reporter: Reporter) -> int:
     runtime = _runtime(args.runtime)
     verb = args.command
     if verb == "ls":
+        for problem in runtime.damaged():
+            reporter.warn(str(problem))
         workspaces = runtime.list()
         _emit(
             args,
@@ -305,34 +312,11 @@ def cmd_workspace(args: argparse.Namespace, reporter: Reporter) -> int:
     return 0
 
 
-def _workspaces_on(version: Version, held: dict[Path, list[str]]) -> list[str]:
-    """The workspaces whose disks are built on one of version's files."""
-    return sorted(
-        {name for path, names in held.items() if path.parent == version.path for name in names}
-    )
-
-
-def _uninstall_from_tart(version: Version) -> None:
-    """On a Mac, a removed version's installed Tart VM goes too (it is a full copy)."""
-    if version.manifest.get("architecture") != "arm64" or shutil.which("tart") is None:
-        return
-    from rockpool.runtime.tart import TartRuntime
-
-    TartRuntime(Store.default()).uninstall_image(version)
-
-
 def cmd_image_rm(args: argparse.Namespace, reporter: Reporter) -> int:
-    store = Store.default()
-    version = store.resolve(args.ref)
-    users = _workspaces_on(version, _qemu_runtime().holders())
-    if users:
-        raise Conflict(
-            f"{version.ref} is in use by workspaces: {', '.join(users)}",
-            hint="remove those workspaces first; their disks are built on it",
-        )
-    store.remove_version(version)
-    _uninstall_from_tart(version)
-    _emit(args, {"removed": version.ref}, f"removed {version.ref}")
+    from rockpool.gc import remove_image
+
+    removed = remove_image(Store.default(), args.ref)
+    _emit(args, {"removed": removed}, f"removed {removed}")
     return 0
 
 
@@ -356,9 +340,15 @@ def cmd_cache_ls(args: argparse.Namespace, reporter: Reporter) -> int:
     total = sum(row["allocated"] for row in rows)
     lines = [
         f"{row['stage']:<10} {row['key'][:16]}  {format_size(row['allocated']):>10}  "
-        f"last used {row['last_used']}"
+        + (f"DAMAGED ({row['damaged']})" if row["damaged"] else f"last used {row['last_used']}")
         for row in rows
     ]
+    damaged = sum(1 for row in rows if row["damaged"])
+    if damaged:
+        reporter.warn(
+            f"{damaged} damaged cache entries: a build that needs one rebuilds it; "
+            "rockpool cache prune removes them"
+        )
     lines.append(f"{len(rows)} entries, {format_size(total)}")
     _emit(args, {"entries": rows, "allocated": total}, "\n".join(lines))
     return 0
@@ -379,35 +369,18 @@ def cmd_cache_prune(args: argparse.Namespace, reporter: Reporter) -> int:
 
 def cmd_image_gc(args: argparse.Namespace, reporter: Reporter) -> int:
     """Remove every version that is neither an image's latest nor held by a workspace."""
-    store = Store.default()
-    runtime = _qemu_runtime()
-    held = runtime.holders()
-    removed: list[str] = []
-    kept: list[dict[str, Any]] = []
-    for name in store.image_names():
-        latest = store.latest_id(name)
-        for version in store.versions(name):
-            users = _workspaces_on(version, held)
-            if version.id == latest or users:
-                kept.append(
-                    {"image": version.ref, "latest": version.id == latest, "held_by": users}
-                )
-            else:
-                store.remove_version(version)
-                _uninstall_from_tart(version)
-                removed.append(version.ref)
-    layers = [str(p) for p in runtime.remove_unused_layers()]
-    lines = [f"removed {r}" for r in removed] + [
+    from rockpool.gc import collect
+
+    result = collect(Store.default())
+    for warning in result.warnings:
+        reporter.warn(warning)
+    lines = [f"removed {r}" for r in result.removed] + [
         f"kept {k['image']}"
         + (" (latest)" if k["latest"] else "")
         + (f" held by {', '.join(k['held_by'])}" if k["held_by"] else "")
-        for k in kept
+        for k in result.kept
     ]
-    _emit(
-        args,
-        {"removed": removed, "kept": kept, "removed_layers": layers},
-        "\n".join(lines) or "nothing to remove",
-    )
+    _emit(args, result.to_json(), "\n".join(lines) or "nothing to remove")
     return 0
 
 
@@ -427,6 +400,16 @@ def cmd_host_check(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 # ---- parser -----------------------------------------------------------------------------
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds >= 0")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -461,6 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--packer-base", metavar="IMAGE", help="the Tart VM or OCI image Packer starts from"
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="land the image without booting it first (latest moves to it unchecked)",
     )
     p.add_argument(
         "--until",
@@ -581,7 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--authorized-keys", metavar="FILE", help="SSH keys for the workspace user")
     p = spaces.add_parser("stop", parents=[json_flag], help="power off (ACPI, then hard)")
     p.add_argument("name")
-    p.add_argument("--timeout", type=float, default=90.0, help="seconds before a hard stop")
+    p.add_argument(
+        "--timeout", type=_seconds, default=90.0, help="seconds before a hard stop (default 90)"
+    )
     p = spaces.add_parser("status", parents=[json_flag], help="state and endpoint")
     p.add_argument("name")
     p = spaces.add_parser("ls", parents=[json_flag], help="list workspaces")
@@ -613,8 +603,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(f"stopped by signal {signal.Signals(signum).name}")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    # The first signal stops the verb; later ones must not cut its clean-up short.
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, _already_stopping)
+    raise Terminated(signum)
+
+
+def _already_stopping(signum: int, frame: FrameType | None) -> None:
+    logging.getLogger("rockpool").info("signal %s while cleaning up; still cleaning up", signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -624,8 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     package_logger.propagate = False  # logs go to build logs only, never as tracebacks
     if not package_logger.handlers:
         package_logger.addHandler(logging.NullHandler())
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    signal.signal(signal.SIGHUP, _raise_interrupted)
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, _raise_terminated)
     try:
         args = build_parser().parse_args(args_list)
         with Reporter(quiet=args.quiet) as reporter:
@@ -634,8 +634,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`rockpool image ls | head`): stop quietly, as shells do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return int(ExitCode.BROKEN_PIPE)
-    except KeyboardInterrupt:
-        return _fail(Interrupted("interrupted; nothing partial was kept"), wants_json)
+    except Terminated as stop:
+        name = signal.Signals(stop.signum).name
+        interrupted = Interrupted(f"interrupted by {name}: cleaned up, nothing partial was kept")
+        interrupted.exit_code = ExitCode(stop.exit_code)
+        return _fail(interrupted, wants_json)
     except RockpoolError as exc:
         return _fail(exc, wants_json)
     except Exception as exc:  # a bug: say so plainly, keep the traceback for the log

@@ -58,6 +58,7 @@ class BuildContext:
     facts: dict[str, Any] = field(default_factory=dict)
     cache_plan: CachePlan | None = None
     lock: Lock | None = None
+    verify: bool = True  # boot the image before it lands (verify.py)
 
     @property
     def identity_seed(self) -> str:

@@ -15,8 +15,11 @@ class ExitCode(IntEnum):
     MISSING_TOOL = 4
     COMMAND_FAILED = 5
     CONFLICT = 6
+    DAMAGED = 7
+    HANGUP = 129
     INTERRUPTED = 130
     BROKEN_PIPE = 141
+    TERMINATED = 143
 
 
 class RockpoolError(Exception):
@@ -76,5 +79,25 @@ class CommandFailed(RockpoolError):
         self.stderr_tail = stderr_tail
 
 
+class Damaged(RockpoolError):
+    """A record, manifest or cache entry in the store that cannot be read as written."""
+
+    exit_code = ExitCode.DAMAGED
+
+
 class Interrupted(RockpoolError):
     exit_code = ExitCode.INTERRUPTED
+
+
+class Terminated(BaseException):
+    """SIGTERM, SIGHUP or SIGINT arrived. A BaseException, as KeyboardInterrupt is, so no
+    `except Exception` on the way up swallows it: every verb cleans up and exits with
+    128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

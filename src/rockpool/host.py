@@ -80,19 +80,31 @@ def require_foreign_architecture(arch: str) -> None:
         )
 
 
-def build_programs(spec: ImageSpec) -> list[str]:
-    """Every program a build of spec runs, its formats' and qemu-user's included."""
+def build_programs(spec: ImageSpec, *, verify: bool = True) -> list[str]:
+    """Every program a build of spec runs: its formats', qemu-user's for another
+    architecture, and QEMU's for the boot that verifies it."""
     programs = [*tools.BUILD, *(p for f in spec.formats for p in tools.FORMAT_PROGRAMS[f])]
     if spec.architecture != host_architecture():
         programs += foreign_programs(spec.architecture)
+    if verify:
+        programs += [tools.QEMU_SYSTEM[spec.architecture], *tools.WORKSPACES]
     return sorted(set(programs))
 
 
-def require_build_host(spec: ImageSpec) -> None:
+def require_build_host(spec: ImageSpec, *, verify: bool = True) -> None:
     """The host part of a build's preflight: root, every program the build will run,
-    and foreign-architecture support; before the network checks and any slow work."""
+    firmware for its verifying boot, and foreign-architecture support; before the
+    network checks and any slow work."""
     require_root("building an image")
-    require(build_programs(spec), f"building {spec.name} ({spec.architecture})")
+    purpose = f"building {spec.name} ({spec.architecture})"
+    require(build_programs(spec, verify=verify), purpose)
+    if verify and missing_firmware(spec.architecture):
+        package = tools.FIRMWARE_PACKAGES[spec.architecture]
+        raise MissingTool(
+            f"{purpose} boots the new image to verify it, and needs UEFI firmware "
+            f"for {spec.architecture} guests (package {package})",
+            hint=f"run: sudo apt-get install {package}   (or build with --no-verify)",
+        )
     require_foreign_architecture(spec.architecture)
 
 

@@ -464,6 +464,13 @@ def build_with_packer(
         ("packer", functools.partial(_run_packer, vm_name=vm_name, base_vm=base_vm)),
         ("formats", functools.partial(write_formats, backends=VM_BACKENDS)),
     ]
+    # Not boot-verified yet: that would be one more Tart run of the built VM.
     return run_build(
-        spec, store, reporter, stages, digest=packer_input_digest(spec, base_vm), force=force
+        spec,
+        store,
+        reporter,
+        stages,
+        digest=packer_input_digest(spec, base_vm),
+        force=force,
+        verify=False,
     )

@@ -41,6 +41,7 @@ from rockpool.provision import provision, setup_variables
 from rockpool.rootfs import LISTING, restore, snapshot
 from rockpool.spec import ImageSpec, spec_digest
 from rockpool.store import Store, Version, sha256_file
+from rockpool.verify import verify_boot
 
 log = logging.getLogger("rockpool.pipeline")
 
@@ -278,10 +279,18 @@ def land(ctx: BuildContext, started: float) -> Version:
         "disk": ctx.facts.get("disk", {}),
         "outputs": outputs,
         "stages": ctx.facts.get("stages", {}),
+        "verification": ctx.facts.get(
+            "verification", {"verified": False, "skipped": "this builder does not boot-verify"}
+        ),
         "stage_seconds": ctx.stage_seconds,
         "build_seconds": round(time.monotonic() - started, 1),
     }
     return ctx.store.land(ctx.spec.name, version_id, ctx.outputs_dir, manifest)
+
+
+def is_verified(version: Version) -> bool:
+    verification = version.manifest.get("verification")
+    return isinstance(verification, dict) and verification.get("verified") is True
 
 
 Stage = Callable[[BuildContext], None]
@@ -406,6 +415,7 @@ STAGES: list[tuple[str, Stage]] = [
     ("provision", cached_provision),
     ("disk", cached_disk),
     ("formats", write_formats),
+    ("verify", verify_boot),
 ]
 
 
@@ -431,11 +441,12 @@ def build(
     ca_bundle: Path | None = None,
     use_lock: bool = True,
     until: str | None = None,
+    verify: bool = True,
 ) -> BuildResult:
     """Build spec's image, from its lock when it has one (and use_lock is set); with
     until, run the stages up to that one only: their results go to the stage cache, and
     nothing lands."""
-    host.require_build_host(spec)
+    host.require_build_host(spec, verify=verify and until is None)
     bundle = checked_ca_bundle(ca_bundle) if ca_bundle else default_ca_bundle()
     cache = StageCache.of_store(store.root)
     max_bytes = configured_max_bytes()
@@ -459,6 +470,7 @@ def build(
         cache=cache,
         lock=lock,
         until=until,
+        verify=verify,
     )
     for entry in cache.prune(max_bytes):
         log.info("cache: pruned %s %s (over %d bytes)", entry.stage, entry.key, max_bytes)
@@ -521,6 +533,7 @@ def run_build(
     cache: StageCache | None = None,
     lock: Lock | None = None,
     until: str | None = None,
+    verify: bool = True,
 ) -> BuildResult:
     """Reuse the version built from the same inputs, or run the stages in a staging
     directory, each timed and logged, and land what they wrote in the store.
@@ -535,6 +548,9 @@ def run_build(
         stages = stages[: names.index(until) + 1]
     elif not force:
         existing = store.find_by_input(spec.name, digest)
+        if existing is not None and verify and not is_verified(existing):
+            reporter.info(f"{existing.ref} has the same inputs but was never booted; verifying")
+            existing = None
         if existing is not None:
             reporter.info(f"{existing.ref} is up to date (same inputs); use --force to rebuild")
             return BuildResult(existing, reused=True, log_path=None)
@@ -556,6 +572,7 @@ def run_build(
                 log_path=log_path,
                 ca_bundle=ca_bundle,
                 lock=lock,
+                verify=verify,
             )
             log.info("building %s from %s (input %s) in %s", spec.name, spec.path, digest, work)
             if cache is not None:

@@ -75,6 +75,15 @@ class Reporter:
         else:
             print(text, file=sys.stderr, flush=True)
 
+    def warn(self, text: str) -> None:
+        """Something the user should fix, which did not stop the command; shown even
+        with -q."""
+        message = f"warning: {text}"
+        if self.progress is not None:
+            self.progress.console.print(message, highlight=False, markup=False)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         started = time.monotonic()

@@ -34,7 +34,7 @@ _AUTH_VARIABLES = ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG")
 def destination_reference(destination: str, version: Version) -> str:
     """The full HOST/REPOSITORY:TAG; the tag defaults to the version id."""
     bare = destination.removeprefix("docker://")
-    match = _REFERENCE.match(bare)
+    match = _REFERENCE.fullmatch(bare)
     if match is None:
         raise InvalidInput(
             f"'{destination}' is not a registry reference",

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import re
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -148,7 +150,7 @@ def _integer(minimum: int, maximum: int) -> Check:
 
 def _matches(pattern: re.Pattern[str], rule: str) -> Check:
     def check(value: Any) -> str | None:
-        if not isinstance(value, str) or not pattern.match(value):
+        if not isinstance(value, str) or not pattern.fullmatch(value):
             return f"{rule}, not {value!r}"
         return None
 
@@ -257,17 +259,38 @@ class _Layer:
     values: dict[tuple[str, str], Any]
 
 
+SPEC_SIZE_LIMIT = 1 << 20  # a spec is a few hundred bytes; this stops /dev/zero and the like
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
+    """A spec file's TOML: a regular file under the size cap, opened without blocking
+    (a FIFO or a device never hangs or floods the build)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         raise SpecError(path, None, "file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(path, None, f"cannot read: {exc}") from None
+    except OSError as exc:
+        raise SpecError(path, None, f"cannot read: {exc.strerror}") from None
     try:
-        return tomllib.loads(text)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SpecError(path, None, "is not a regular file", hint="pass the spec's .toml file")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            data = handle.read(SPEC_SIZE_LIMIT + 1)
+    except OSError as exc:
+        raise SpecError(path, None, f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > SPEC_SIZE_LIMIT:
+        raise SpecError(path, None, f"is larger than {SPEC_SIZE_LIMIT // 1024} KiB; no spec is")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        problem = f"is not UTF-8 text: {exc.reason} at byte {exc.start}"
+        raise SpecError(path, None, problem) from None
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(path, None, f"not valid TOML: {exc}") from None
+    except RecursionError:
+        raise SpecError(path, None, "nests arrays or tables too deeply to be a spec") from None
 
 
 def _validate_layer(path: Path, document: dict[str, Any]) -> _Layer:
@@ -306,7 +329,7 @@ def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[_Layer]:
     if "extends" not in document:
         return [layer]
     parent = (path.parent / document["extends"]).resolve()
-    if not parent.is_file():
+    if not parent.exists():
         raise SpecError(path, "extends", f"the spec it extends does not exist: {parent}")
     return [*_load_layers(parent, (*seen, path)), layer]
 

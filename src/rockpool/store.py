@@ -5,6 +5,15 @@ Layout under the store root ($ROCKPOOL_HOME, else $XDG_DATA_HOME/rockpool):
     images/NAME/latest -> VERSION        the newest version
     images/NAME/.inputs/DIGEST -> VERSION  which version each set of build inputs gave
     staging/ID/ + staging/ID.lock        builds in progress; a lock not held is stale
+    .lock                                the store's lock (Store.locked)
+
+One lock discipline: what adds a reference to a version or a layer (a workspace create
+or clone, a build's landing) holds the store's lock shared; what deletes them (image rm,
+image gc, removing unused layers, cache prune) holds it exclusive, and sees only whole
+states. A workspace's own lock is always taken before the store's, never inside it.
+
+Every name, version id and pointer read from disk is checked before use, so nothing
+outside the store is ever listed, followed or deleted.
 """
 
 from __future__ import annotations
@@ -22,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rockpool.errors import Conflict, InvalidInput, NotFound
-from rockpool.names import check_slug, split_image_ref
+from rockpool.errors import Conflict, Damaged, InvalidInput, NotFound
+from rockpool.names import check_slug, is_slug, is_version_id, split_image_ref
 
 log = logging.getLogger("rockpool.store")
 
@@ -69,6 +78,38 @@ class Version:
         return self.path / str(outputs[fmt]["file"])
 
 
+def is_plain_file_name(name: object) -> bool:
+    """A name inside one directory: no separator, no NUL, not . or .."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\0" not in name
+    )
+
+
+def check_manifest(path: Path, manifest: object) -> dict[str, Any]:
+    """The manifest as rockpool wrote it, or Damaged naming the file and the fix."""
+    problem = None
+    if not isinstance(manifest, dict):
+        problem = f"holds {type(manifest).__name__}, not an object"
+    elif not isinstance(manifest.get("outputs"), dict):
+        problem = "has no outputs"
+    else:
+        for fmt, entry in manifest["outputs"].items():
+            if not isinstance(entry, dict) or not is_plain_file_name(entry.get("file")):
+                problem = f"outputs.{fmt} names no file of the version's own"
+                break
+    if problem is not None:
+        raise Damaged(
+            f"the manifest {path} {problem}",
+            hint=f"remove the damaged version: rockpool image rm "
+            f"{path.parent.parent.name}:{path.parent.name}",
+        )
+    assert isinstance(manifest, dict)
+    return manifest
+
+
 def sha256_file(path: Path | str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -106,11 +147,48 @@ def _mounts_below(path: Path) -> list[str]:
     return [p for p in points if p.startswith(prefix)]
 
 
+# Store-lock modes this process holds, by store root: ("shared"|"exclusive", depth).
+_HELD: dict[Path, tuple[str, int]] = {}
+
+
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.images_dir = root / "images"
         self.staging_dir = root / "staging"
+
+    # ---- the store's lock ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self, *, exclusive: bool) -> Iterator[None]:
+        """The store's lock, shared (adding references) or exclusive (deleting them).
+
+        Re-entrant within a process; an exclusive holder may also take it shared.
+        """
+        mode = "exclusive" if exclusive else "shared"
+        key = self.root.absolute()
+        held = _HELD.get(key)
+        if held is not None:
+            if exclusive and held[0] == "shared":
+                raise RuntimeError("the store lock is held shared; it cannot become exclusive")
+            _HELD[key] = (held[0], held[1] + 1)
+            try:
+                yield
+            finally:
+                _HELD[key] = held
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            _HELD[key] = (mode, 1)
+            try:
+                yield
+            finally:
+                del _HELD[key]
+
+    def holds_exclusive(self) -> bool:
+        held = _HELD.get(self.root.absolute())
+        return held is not None and held[0] == "exclusive"
 
     @classmethod
     def default(cls) -> Store:
@@ -202,11 +280,13 @@ class Store:
                 with open(entry, "rb") as handle:
                     os.fsync(handle.fileno())
         fsync_directory(prepared)
-        with self._image_lock(name):
+        with self.locked(exclusive=False), self._image_lock(name):
             target = self.images_dir / name / version_id
             if target.exists():
-                # The same bytes again (a reproducible rebuild): it becomes the newest.
+                # The same bytes again (a reproducible rebuild): it becomes the newest,
+                # and verified if this build verified it.
                 log.info("version %s:%s exists already; keeping it", name, version_id)
+                self._record_verification(target, manifest.get("verification"))
                 os.utime(target)
             else:
                 os.rename(prepared, target)
@@ -215,6 +295,14 @@ class Store:
                 self._index_input(name, str(manifest["input_digest"]), version_id)
             self._point_latest(name, version_id)
         return self.version(name, version_id)
+
+    @staticmethod
+    def _record_verification(target: Path, verification: object) -> None:
+        if not isinstance(verification, dict) or not verification.get("verified"):
+            return
+        stored = json.loads((target / MANIFEST).read_text(encoding="utf-8"))
+        if not stored.get("verification", {}).get("verified"):
+            write_json_atomic(target / MANIFEST, {**stored, "verification": verification})
 
     def _index_input(self, name: str, input_digest: str, version_id: str) -> None:
         """Remember which version these inputs gave, beside the version's own manifest:
@@ -227,7 +315,7 @@ class Store:
 
     def repair_latest(self, name: str) -> None:
         """Point latest at the newest version, if a crash stopped it short of that."""
-        with self._image_lock(name):
+        with self.locked(exclusive=False), self._image_lock(name):
             versions = self.versions(name)
             if versions and self.latest_id(name) != versions[-1].id:
                 self._point_latest(name, versions[-1].id)
@@ -239,48 +327,94 @@ class Store:
         os.replace(tmp, link)
         fsync_directory(link.parent)
 
-    def remove_version(self, version: Version) -> None:
-        """Out of view in one rename, then deleted; latest moves to the newest left."""
-        with self._image_lock(version.name):
-            trash = self.staging_dir / f"removed-{version.name}-{version.id}-{uuid.uuid4().hex[:6]}"
+    def remove_version(self, name: str, version_id: str) -> None:
+        """Out of view in one rename, then deleted; latest moves to the newest left.
+
+        Works on a version whose manifest is damaged too. The caller holds the store's
+        lock exclusive, having checked that no workspace is built on it."""
+        assert self.holds_exclusive(), "remove_version needs the store's exclusive lock"
+        check_slug(name, "image name")
+        if not is_version_id(version_id):
+            raise InvalidInput(f"invalid image version '{version_id}'")
+        path = self.images_dir / name / version_id
+        if path.is_symlink() or not path.is_dir():
+            raise NotFound(f"image version {name}:{version_id} does not exist")
+        with self._image_lock(name):
+            trash = self.staging_dir / f"removed-{name}-{version_id}-{uuid.uuid4().hex[:6]}"
             self.staging_dir.mkdir(parents=True, exist_ok=True)
-            os.rename(version.path, trash)
-            link = self.images_dir / version.name / "latest"
-            remaining = self.versions(version.name)
+            os.rename(path, trash)
+            link = self.images_dir / name / "latest"
+            remaining = self.versions(name)
             if remaining:
-                self._point_latest(version.name, remaining[-1].id)
+                self._point_latest(name, remaining[-1].id)
             else:
                 link.unlink(missing_ok=True)
-        shutil.rmtree(trash, ignore_errors=True)
+        self._remove_tree(trash)
 
     def image_names(self) -> list[str]:
+        """Images in the store; a directory that is no image name is not one."""
         if not self.images_dir.is_dir():
             return []
-        return sorted(p.name for p in self.images_dir.iterdir() if p.is_dir())
+        return sorted(
+            p.name
+            for p in self.images_dir.iterdir()
+            if is_slug(p.name) and p.is_dir() and not p.is_symlink()
+        )
+
+    def _version_dirs(self, name: str) -> list[Path]:
+        directory = self.images_dir / check_slug(name, "image name")
+        if directory.is_symlink() or not directory.is_dir():
+            return []
+        return [
+            entry
+            for entry in directory.iterdir()
+            if is_version_id(entry.name) and entry.is_dir() and not entry.is_symlink()
+        ]
 
     def versions(self, name: str) -> list[Version]:
-        """Versions of one image, oldest first."""
-        directory = self.images_dir / name
-        if not directory.is_dir():
-            return []
+        """Versions of one image, oldest first; damaged ones are left out (damaged())."""
         found = []
-        for entry in directory.iterdir():
-            if entry.is_dir() and not entry.is_symlink() and (entry / MANIFEST).is_file():
+        for entry in self._version_dirs(name):
+            try:
                 found.append(self._read(name, entry))
+            except (Damaged, NotFound):
+                continue
         # Landing order: a version landed again by a reproducible rebuild is the newest.
         return sorted(found, key=lambda v: (v.path.stat().st_mtime, v.id))
 
+    def damaged(self, name: str) -> list[Damaged]:
+        """What is wrong with each version of name that cannot be read."""
+        problems = []
+        for entry in self._version_dirs(name):
+            try:
+                self._read(name, entry)
+            except Damaged as exc:
+                problems.append(exc)
+            except NotFound:
+                continue  # no manifest: a landing under way, or left by a crash
+        return problems
+
     def latest_id(self, name: str) -> str | None:
-        link = self.images_dir / name / "latest"
+        link = self.images_dir / check_slug(name, "image name") / "latest"
         try:
             target = os.readlink(link)
         except OSError:
             return None
-        return target if (link.parent / target / MANIFEST).is_file() else None
+        # Only a version of this image: never a path elsewhere.
+        if not is_version_id(target):
+            log.warning("%s points at %r, which is no version; ignoring it", link, target)
+            return None
+        version_dir = link.parent / target
+        if version_dir.is_symlink() or not (version_dir / MANIFEST).is_file():
+            return None
+        return target
 
     def version(self, name: str, version_id: str) -> Version:
+        check_slug(name, "image name")
+        if not is_version_id(version_id):
+            raise InvalidInput(f"invalid image version '{version_id}'")
         path = self.images_dir / name / version_id
-        if not (path / MANIFEST).is_file():
+        if path.is_symlink() or not (path / MANIFEST).is_file():
             raise NotFound(
                 f"image version {name}:{version_id} does not exist",
                 hint=f"list versions with: rockpool image ls {name}",
@@ -288,6 +422,11 @@ class Store:
         return self._read(name, path)
 
     def resolve(self, ref: str) -> Version:
+        name, version_id = self.resolve_id(ref)
+        return self.version(name, version_id)
+
+    def resolve_id(self, ref: str) -> tuple[str, str]:
+        """NAME and the version id ref means, without reading the manifest."""
         name, version_id = split_image_ref(ref)
         if version_id == "latest":
             latest = self.latest_id(name)
@@ -297,25 +436,40 @@ class Store:
                     hint="build it with: rockpool image build",
                 )
             version_id = latest
-        return self.version(name, version_id)
+        return name, version_id
 
     def find_by_input(self, name: str, input_digest: str) -> Version | None:
         try:
             indexed = os.readlink(self.images_dir / name / INPUT_INDEX / input_digest)
         except OSError:
             indexed = None
-        if indexed is not None and (self.images_dir / name / indexed / MANIFEST).is_file():
-            return self.version(name, indexed)
+        if is_version_id(indexed) and (self.images_dir / name / str(indexed) / MANIFEST).is_file():
+            try:
+                return self.version(name, str(indexed))
+            except Damaged:
+                return None  # rebuilt, which lands a good version again
         matches = [v for v in self.versions(name) if v.manifest.get("input_digest") == input_digest]
         return matches[-1] if matches else None
 
     @staticmethod
     def _read(name: str, path: Path) -> Version:
+        manifest_path = path / MANIFEST
         try:
-            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise NotFound(
-                f"image version {name}:{path.name} has an unreadable manifest: {exc}",
-                hint=f"remove the damaged version directory {path}",
+            text = manifest_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise NotFound(f"image version {name}:{path.name} does not exist") from None
+        except (OSError, UnicodeError) as exc:
+            raise Damaged(
+                f"the manifest {manifest_path} cannot be read: {exc}",
+                hint=f"remove the damaged version: rockpool image rm {name}:{path.name}",
             ) from None
-        return Version(name=name, id=path.name, path=path, manifest=manifest)
+        try:
+            manifest = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise Damaged(
+                f"the manifest {manifest_path} is not valid JSON: {exc}",
+                hint=f"remove the damaged version: rockpool image rm {name}:{path.name}",
+            ) from None
+        return Version(
+            name=name, id=path.name, path=path, manifest=check_manifest(manifest_path, manifest)
+        )

@@ -10,7 +10,7 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 
 def parse_size(text: str) -> int:
     """Bytes for "20G", "20GiB", "512M" or a plain byte count; ValueError otherwise."""
-    match = _SIZE.match(text)
+    match = _SIZE.fullmatch(text)
     if not match:
         raise ValueError(f"'{text}' is not a size; write it like 20G, 512M or 4096K")
     number, unit = match.groups()

@@ -52,8 +52,8 @@ class BackgroundBuild:
     twenty minutes, which the amd64 tests' VM boots can share.
     """
 
-    def __init__(self, home: Path, spec: Path, work: Path) -> None:
-        self.home, self.spec, self.work = home, spec, work
+    def __init__(self, home: Path, spec: Path, work: Path, *extra: str) -> None:
+        self.home, self.spec, self.work, self.extra = home, spec, work, extra
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -62,7 +62,10 @@ class BackgroundBuild:
         self.work.mkdir(parents=True, exist_ok=True)
         with open(self.work / "stdout.json", "wb") as out, open(self.work / "stderr", "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rockpool", "image", "build", str(self.spec), "--json"],
+                [
+                    *(sys.executable, "-m", "rockpool", "image", "build", str(self.spec)),
+                    *("--json", *self.extra),
+                ],
                 env=rockpool_env(self.home),
                 stdout=out,
                 stderr=err,

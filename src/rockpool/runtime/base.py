@@ -3,20 +3,21 @@ the parts they share: workspace records and the config disk written at each star
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as dt
 import fcntl
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from rockpool.carrier import validate_env, write_carrier
-from rockpool.errors import Conflict, InvalidInput, NotFound
-from rockpool.names import check_slug
+from rockpool.errors import Damaged, InvalidInput, NotFound
+from rockpool.names import check_slug, is_instance_id, is_slug, is_version_id
 
 RECORD = "workspace.json"
 CONFIG_DISK = "config.img"
@@ -24,8 +25,12 @@ AUTHORIZED_KEYS = "authorized_keys"
 
 
 class State(StrEnum):
+    """What the runtime itself says, asked each time: never a stored flag."""
+
     STOPPED = "stopped"
     RUNNING = "running"
+    PAUSED = "paused"  # the VM exists but its guest does not run (paused, suspended)
+    FAILED = "failed"  # the VM exists but its guest stopped for good (details: reason)
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,12 @@ class Runtime(ABC):
     def remove(self, name: str, force: bool = False) -> None: ...
 
     @abstractmethod
-    def list(self) -> list[Workspace]: ...
+    def damaged(self) -> builtins.list[Damaged]:
+        """What is wrong with each workspace whose record cannot be trusted; list()
+        leaves those out, and remove(name, force=True) removes them."""
+
+    @abstractmethod
+    def list(self) -> builtins.list[Workspace]: ...
 
 
 # ---- shared by the runtimes -------------------------------------------------------------
@@ -107,39 +117,114 @@ def workspace_dir(root: Path, name: str) -> Path:
     return root / check_slug(name, "workspace name")
 
 
-def read_record(root: Path, name: str) -> dict[str, Any]:
-    """ROOT/NAME/workspace.json; NotFound when there is no such workspace."""
+RECORD_LIMIT = 1 << 20  # a record rockpool wrote is a few hundred bytes
+
+
+def _field_problem(record: dict[str, Any], name: str) -> str | None:
+    """What is wrong with the fields every runtime's record has, if anything."""
+    image = record.get("image")
+    image_name, _, image_version = image.partition(":") if isinstance(image, str) else ("", "", "")
+    if record.get("name") != name:
+        return f"its name is {record.get('name')!r}, not the directory's '{name}'"
+    if not (is_slug(image_name) and is_version_id(image_version)):
+        return f"image {image!r} is no NAME:VERSION"
+    if not is_instance_id(record.get("instance_id")):
+        return f"instance_id {record.get('instance_id')!r} is no instance id"
+    if not isinstance(record.get("created"), str):
+        return "it has no creation time"
+    cloned_from = record.get("cloned_from")
+    if cloned_from is not None and not is_slug(cloned_from):
+        return f"cloned_from {cloned_from!r} is no workspace name"
+    return None
+
+
+def read_record(
+    root: Path,
+    name: str,
+    check: Callable[[dict[str, Any]], str | None] | None = None,
+) -> dict[str, Any]:
+    """ROOT/NAME/workspace.json, its fields checked (check adds a runtime's own);
+    NotFound when there is no such workspace, Damaged when it cannot be trusted."""
     path = workspace_dir(root, name) / RECORD
+    hint = f"remove the workspace with: rockpool workspace rm --force {name}"
     try:
-        record: dict[str, Any] = json.loads(path.read_text())
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise Damaged(f"the record {path} is not a regular file", hint=hint)
+        with open(path, "rb") as handle:
+            data = handle.read(RECORD_LIMIT + 1)
     except FileNotFoundError:
         raise NotFound(
             f"no workspace named '{name}'", hint="list them with: rockpool workspace ls"
         ) from None
-    except ValueError as exc:
-        raise Conflict(f"workspace '{name}' has a damaged record ({path}): {exc}") from None
+    except OSError as exc:
+        raise Damaged(f"the record {path} cannot be read: {exc.strerror}", hint=hint) from None
+    try:
+        if len(data) > RECORD_LIMIT:
+            raise ValueError(f"it is over {RECORD_LIMIT} bytes")
+        record = json.loads(data.decode("utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError(f"it holds {type(record).__name__}, not an object")
+    except (ValueError, RecursionError) as exc:
+        raise Damaged(f"the record {path} is damaged: {exc}", hint=hint) from None
+    problem = _field_problem(record, name) or (check(record) if check else None)
+    if problem:
+        raise Damaged(f"the record {path} is damaged: {problem}", hint=hint)
     return record
 
 
 @contextlib.contextmanager
-def locked_workspace(root: Path, name: str) -> Iterator[Path]:
+def locked_workspace(root: Path, name: str, *, damaged_ok: bool = False) -> Iterator[Path]:
     """Hold the workspace's lock (start, stop, clone and remove of one workspace take
-    turns); yields its directory. NotFound when there is no such workspace."""
+    turns); yields its directory. NotFound when there is no such workspace, also when
+    it was removed while this waited for the lock."""
     directory = workspace_dir(root, name)
-    if not (directory / RECORD).is_file():
-        read_record(root, name)  # raises NotFound
-    with open(directory / ".lock", "a") as lock:
+
+    def exists() -> bool:
+        try:
+            read_record(root, name)
+        except Damaged:
+            if not damaged_ok:
+                raise
+        return True
+
+    exists()  # NotFound or Damaged before waiting
+    try:
+        lock = open(directory / ".lock", "a")  # noqa: SIM115 (held across the yield)
+    except FileNotFoundError:
+        exists()
+        raise
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        exists()  # the holder before us may have removed it
         yield directory
 
 
 def record_names(root: Path) -> list[str]:
-    """The workspaces under root that have a record, sorted; half-made ones are skipped."""
-    if not root.is_dir():
+    """The workspace directories under root that have a record, sorted; half-made ones
+    (.new-*) and removed ones (.removed-*) are skipped."""
+    if not root.is_dir() or root.is_symlink():
         return []
     return sorted(
-        p.name for p in root.iterdir() if not p.name.startswith(".") and (p / RECORD).is_file()
+        p.name
+        for p in root.iterdir()
+        if is_slug(p.name) and not p.is_symlink() and (p / RECORD).exists()
     )
+
+
+def readable_records(
+    root: Path, check: Callable[[dict[str, Any]], str | None] | None = None
+) -> tuple[dict[str, dict[str, Any]], list[Damaged]]:
+    """Every workspace's record under root, and what is wrong with those that are
+    damaged (listed apart, so one bad record never hides the others)."""
+    records, damaged = {}, []
+    for name in record_names(root):
+        try:
+            records[name] = read_record(root, name, check)
+        except Damaged as exc:
+            damaged.append(exc)
+        except NotFound:
+            continue  # removed meanwhile
+    return records, damaged
 
 
 def write_config_disk(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import logging
 import os
 import random
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from rockpool import host, tools
 from rockpool.command import run
-from rockpool.errors import CommandFailed, MissingTool, RockpoolError
+from rockpool.errors import CommandFailed, Conflict, MissingTool, RockpoolError
 from rockpool.runtime import kvm, qmp
 from rockpool.runtime.kvm import MACHINE, Firmware
 
@@ -61,6 +62,12 @@ def random_mac() -> str:
     return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
 
 
+def option_value(text: str | Path) -> str:
+    """A value inside a QEMU option list: a comma is doubled, or it would end the value
+    and start an option of its own."""
+    return str(text).replace(",", ",,")
+
+
 @dataclass
 class VMConfig:
     name: str
@@ -73,34 +80,114 @@ class VMConfig:
     memory_mib: int = 2048
     mac: str = field(default_factory=random_mac)
     forwards: dict[int, int] = field(default_factory=dict)  # guest port -> host port
+    # The QMP socket: a short path (108 bytes at most); default run_dir/qmp.sock.
+    qmp_socket: Path | None = None
 
 
-class QemuVM:
-    """One daemonized QEMU process for one disk, found again through its pid file.
+@dataclass(frozen=True)
+class VMState:
+    """What QEMU says of one VM: stopped (no QEMU), running, paused or failed."""
 
-    Nothing about it is cached: whether it runs is read from /proc each time, so a
-    crashed or killed VM is never reported as running.
-    """
+    state: str
+    pid: int | None = None
+    qemu_status: str | None = None
+    reason: str | None = None
+
+
+SOCKET_PATH_LIMIT = 107  # sun_path holds 108 bytes, the last one NUL
+
+
+class QemuProcess:
+    """The daemonized QEMU of one VM directory, found through its pid file and checked
+    against /proc and QMP every time: a crashed, killed or hung VM is never reported as
+    running."""
+
+    def __init__(self, run_dir: Path, qmp_socket: Path | None = None) -> None:
+        self.run_dir = run_dir
+        self.qmp_socket = qmp_socket or run_dir / "qmp.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of this VM's QEMU, or None: the pid file's pid counts only while /proc
+        shows a live qemu-system process started with this very pid file."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError, IndexError):
+            return None
+        if state in ("Z", "X") or not Path(argv[0].decode(errors="replace")).name.startswith(
+            "qemu-system-"
+        ):
+            return None
+        ours = str(self.pidfile).encode()
+        if not any(a == b"-pidfile" and b == ours for a, b in itertools.pairwise(argv)):
+            return None  # the pid now belongs to another process
+        return pid
+
+    def alive(self) -> bool:
+        return self.pid is not None
+
+    def state(self) -> VMState:
+        pid = self.pid
+        if pid is None:
+            return VMState("stopped")
+        try:
+            status = qmp.run_state(self.qmp_socket)
+        except qmp.QmpUnavailable as exc:
+            if self.pid is None:
+                return VMState("stopped")  # it exited while we asked
+            return VMState("failed", pid, None, f"QEMU (pid {pid}) does not answer QMP: {exc}")
+        if status == "running":
+            return VMState("running", pid, status)
+        if status in qmp.FAILED_STATES:
+            tail = _tail(self.console_log, 3).replace("\n", " | ")
+            reason = f"the guest stopped: QEMU run state {status}" + (
+                f"; console ends: {tail}" if tail else "; nothing on the console"
+            )
+            return VMState("failed", pid, status, reason)
+        return VMState("paused", pid, status, f"QEMU run state {status}")
+
+    def wait_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)  # poll interval: the process is not our child
+        return True
+
+    def kill(self) -> None:
+        pid = self.pid
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self.wait_exit(30)
+
+
+class QemuVM(QemuProcess):
+    """One VM: its configuration, and the QEMU that runs it."""
 
     def __init__(self, config: VMConfig) -> None:
+        super().__init__(config.run_dir, config.qmp_socket)
         self.config = config
         self.started_at = 0.0
         self.accelerator: kvm.Verdict | None = None
 
-    @property
-    def pidfile(self) -> Path:
-        return self.config.run_dir / "qemu.pid"
-
-    @property
-    def qmp_socket(self) -> Path:
-        return self.config.run_dir / "qmp.sock"
-
-    @property
-    def console_log(self) -> Path:
-        return self.config.run_dir / "console.log"
-
     def argv(self, verdict: kvm.Verdict) -> list[str]:
         c = self.config
+        if len(str(self.qmp_socket).encode()) > SOCKET_PATH_LIMIT:
+            raise Conflict(
+                f"the QMP socket path {self.qmp_socket} is longer than a unix socket allows",
+                hint="set XDG_RUNTIME_DIR to a short private directory",
+            )
         firmware = find_firmware(c.arch)
         nvram = c.run_dir / "nvram.fd"
         if not nvram.exists():
@@ -124,11 +211,11 @@ class QemuVM:
             "none",
             "-no-user-config",
             "-drive",
-            f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}",
+            f"if=pflash,format=raw,unit=0,readonly=on,file={option_value(firmware.code)}",
             "-drive",
-            f"if=pflash,format=raw,unit=1,file={nvram}",
+            f"if=pflash,format=raw,unit=1,file={option_value(nvram)}",
             "-drive",
-            f"if=none,id=root,format={c.disk_format},discard=unmap,file={c.disk}",
+            f"if=none,id=root,format={c.disk_format},discard=unmap,file={option_value(c.disk)}",
             "-device",
             "virtio-blk-pci,drive=root,bootindex=0",
             "-netdev",
@@ -137,15 +224,19 @@ class QemuVM:
             f"virtio-net-pci,netdev=net0,mac={c.mac}",
             "-device",
             "virtio-rng-pci",
+            "-chardev",
+            f"file,id=console,path={option_value(self.console_log)}",
             "-serial",
-            f"file:{self.console_log}",
-            "-qmp",
-            f"unix:{self.qmp_socket},server=on,wait=off",
+            "chardev:console",
+            "-chardev",
+            f"socket,id=qmp,path={option_value(self.qmp_socket)},server=on,wait=off",
+            "-mon",
+            "chardev=qmp,mode=control",
         ]
         if c.carrier is not None:
             argv += [
                 "-drive",
-                f"if=none,id=config,format=raw,readonly=on,file={c.carrier}",
+                f"if=none,id=config,format=raw,readonly=on,file={option_value(c.carrier)}",
                 "-device",
                 "virtio-blk-pci,drive=config",
             ]
@@ -156,6 +247,7 @@ class QemuVM:
         the guest fails there. Returns the accelerator it runs on, and why."""
         host.require([tools.QEMU_SYSTEM[self.config.arch]], "running a VM")
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        self.qmp_socket.parent.mkdir(parents=True, exist_ok=True)
         verdict = kvm.choose(self.config.arch)
         if verdict.kvm:
             failure = self._launch_kvm(verdict)
@@ -197,34 +289,11 @@ class QemuVM:
         self.kill()
         return reason
 
-    @property
-    def pid(self) -> int | None:
-        """The running QEMU of this VM, checked against /proc; None if there is none."""
-        try:
-            pid = int(self.pidfile.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, ValueError, IndexError):
-            return None
-        if state in ("Z", "X") or str(self.pidfile).encode() not in cmdline:
-            return None  # exited, or the pid now belongs to another process
-        return pid
-
-    def alive(self) -> bool:
-        return self.pid is not None
-
     def _check_alive(self) -> None:
-        if not self.alive():
+        state = self.state()
+        if state.state in ("stopped", "failed"):
             tail = _tail(self.console_log)
-            raise CommandFailed([tools.QEMU_SYSTEM[self.config.arch]], -1, tail)
-
-    def wait_exit(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.alive():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)  # poll interval: the process is not our child
-        return True
+            raise CommandFailed([tools.QEMU_SYSTEM[self.config.arch]], -1, state.reason or tail)
 
     def http_get(self, guest_port: int, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
         connection = http.client.HTTPConnection(
@@ -259,25 +328,30 @@ class QemuVM:
         qmp.execute(self.qmp_socket, command)
 
     def stop(self, timeout: float = 90.0) -> bool:
-        """ACPI power-down, then a hard stop after timeout. True if the guest shut down."""
-        if not self.alive():
+        """ACPI power-down, then a hard stop after timeout. True if the guest shut down.
+
+        A guest that does not run (failed, paused) cannot power itself off: it is
+        stopped at once."""
+        state = self.state()
+        if state.state == "stopped":
             return True
+        if state.state != "running":
+            log.info(
+                "%s is %s (%s); stopping it at once", self.config.name, state.state, state.reason
+            )
+            self.kill()
+            return False
         try:
             self.qmp("system_powerdown")
-            if self.wait_exit(timeout):
-                return True
-            log.info("%s did not power off within %.0fs; killing it", self.config.name, timeout)
-        except Exception as exc:  # QMP errors of any kind: the hard stop below is always safe
+        except qmp.QmpUnavailable as exc:
             log.info("graceful stop of %s failed (%s); killing it", self.config.name, exc)
+            self.kill()
+            return False
+        if self.wait_exit(timeout):
+            return True
+        log.info("%s did not power off within %.0fs; killing it", self.config.name, timeout)
         self.kill()
         return False
-
-    def kill(self) -> None:
-        pid = self.pid
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            self.wait_exit(30)
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -2,29 +2,37 @@
 
     STORE/workspaces/NAME/workspace.json   name, image version, created, clone source
     STORE/workspaces/NAME/disk.qcow2       the persistent disk (overlay)
-    STORE/workspaces/NAME/{nvram.fd,config.img,qemu.pid,qmp.sock,console.log}
+    STORE/workspaces/NAME/{nvram.fd,config.img,qemu.pid,console.log}
     STORE/layers/ID.qcow2                  frozen layers shared by a clone and its source
+    RUN/ws-STORE/NAME.qmp                  QMP socket, under the short run directory
 
-State is never stored: it is read from the QEMU process (pid file checked against
-/proc) every time, so a crash cannot leave a stale "running".
+State is never stored: it comes from QEMU itself (pid file checked against /proc, then
+QMP query-status) every time, so a crash or a guest stuck in an internal error cannot
+pass for "running".
+
+Locks: each workspace's own lock orders start, stop, clone and remove of it; creating
+and cloning hold the store's lock shared, removing layers holds it exclusive (store.py).
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rockpool.command import run
-from rockpool.errors import Conflict
-from rockpool.names import check_slug
+from rockpool.errors import CommandFailed, Conflict, Damaged, InvalidInput
+from rockpool.names import check_slug, is_mac
 from rockpool.runtime.base import (
     RECORD,
     Endpoint,
@@ -33,16 +41,57 @@ from rockpool.runtime.base import (
     Workspace,
     locked_workspace,
     read_record,
+    readable_records,
     record_names,
     utc_now,
     workspace_dir,
     write_config_disk,
 )
-from rockpool.runtime.qemu import QemuVM, VMConfig, create_overlay, free_port, random_mac
+from rockpool.runtime.qemu import (
+    QemuProcess,
+    QemuVM,
+    VMConfig,
+    VMState,
+    create_overlay,
+    free_port,
+    random_mac,
+)
+from rockpool.runtime.rundir import run_directory
 from rockpool.store import Store, write_json_atomic
 
 log = logging.getLogger("rockpool.workspaces")
 MIB = 1 << 20
+DISK = "disk.qcow2"
+NEW_TOP = "disk.qcow2.new"  # a clone's next top layer for the source, until it switches
+GUEST_PORTS = ("8080", "22")
+
+
+def check_timeout(timeout: float) -> float:
+    if not math.isfinite(timeout) or timeout < 0:
+        raise InvalidInput(f"the stop timeout must be a number of seconds >= 0, not {timeout}")
+    return timeout
+
+
+@dataclass
+class Holdings:
+    """What workspaces' disks are built on: each file, and which workspaces use it.
+
+    unreadable names the workspaces whose backing chain could not be read: while there
+    are any, nothing may be deleted, for it might be theirs."""
+
+    files: dict[Path, builtins.list[str]] = field(default_factory=dict)
+    unreadable: builtins.list[str] = field(default_factory=list)
+
+    def users(self, directory: Path) -> builtins.list[str]:
+        """The workspaces built on a file in directory (an image version)."""
+        return sorted(
+            {
+                name
+                for path, names in self.files.items()
+                if path.parent == directory
+                for name in names
+            }
+        )
 
 
 class QemuRuntime(Runtime):
@@ -53,26 +102,54 @@ class QemuRuntime(Runtime):
         self.root = store.root / "workspaces"
         self.layers = store.root / "layers"
 
-    # ---- records and locks --------------------------------------------------------------
+    # ---- records, locks and paths -------------------------------------------------------
 
     def _dir(self, name: str) -> Path:
         return workspace_dir(self.root, name)
 
+    def _check(self, record: dict[str, Any]) -> str | None:
+        """The QEMU record's own fields, as create wrote them."""
+        if record.get("architecture") not in ("amd64", "arm64"):
+            return f"architecture {record.get('architecture')!r} is unknown"
+        for key, low, high in (("cpus", 1, 1024), ("memory_mib", 64, 16 << 20)):
+            value = record.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                return f"{key} {value!r} is not a number from {low} to {high}"
+        if not is_mac(record.get("mac")):
+            return f"mac {record.get('mac')!r} is no MAC address"
+        forwards = record.get("forwards", {})
+        if not isinstance(forwards, dict) or not all(
+            key in GUEST_PORTS and isinstance(port, int) and 1024 <= port <= 65535
+            for key, port in forwards.items()
+        ):
+            return f"forwards {forwards!r} are not host ports of guest ports 8080 and 22"
+        return None
+
     def _record(self, name: str) -> dict[str, Any]:
-        return read_record(self.root, name)
+        return read_record(self.root, name, self._check)
 
-    def _locked(self, name: str) -> contextlib.AbstractContextManager[Path]:
-        return locked_workspace(self.root, name)
+    def _locked(
+        self, name: str, *, damaged_ok: bool = False
+    ) -> contextlib.AbstractContextManager[Path]:
+        return locked_workspace(self.root, name, damaged_ok=damaged_ok)
 
-    def _vm(self, name: str, record: dict[str, Any] | None = None) -> QemuVM:
-        record = record or self._record(name)
+    def _socket(self, name: str) -> Path:
+        """A short path for NAME's QMP socket, whatever the store's path: one directory
+        per store under the run directory."""
+        store_key = hashlib.sha256(str(self.store.root.absolute()).encode()).hexdigest()[:8]
+        return run_directory() / f"ws-{store_key}" / f"{name}.qmp"
+
+    def _process(self, name: str) -> QemuProcess:
+        return QemuProcess(self._dir(name), self._socket(name))
+
+    def _vm(self, name: str, record: dict[str, Any]) -> QemuVM:
         directory = self._dir(name)
         forwards = {int(k): v for k, v in record.get("forwards", {}).items()}
         return QemuVM(
             VMConfig(
                 name=name,
                 arch=record["architecture"],
-                disk=directory / "disk.qcow2",
+                disk=directory / DISK,
                 disk_format="qcow2",
                 run_dir=directory,
                 carrier=directory / "config.img",
@@ -80,61 +157,34 @@ class QemuRuntime(Runtime):
                 memory_mib=record["memory_mib"],
                 mac=record["mac"],
                 forwards=forwards,
+                qmp_socket=self._socket(name),
             )
         )
 
-    def _workspace(self, name: str, record: dict[str, Any]) -> Workspace:
-        vm = self._vm(name, record)
-        running = vm.alive()
+    def _workspace(self, name: str, record: dict[str, Any], vm_state: VMState) -> Workspace:
+        state = State(vm_state.state)
         endpoint = None
-        if running and record.get("forwards"):
-            endpoint = Endpoint(
-                "127.0.0.1", record["forwards"]["8080"], record["forwards"].get("22")
-            )
+        forwards = record.get("forwards", {})
+        if state is State.RUNNING and "8080" in forwards:
+            endpoint = Endpoint("127.0.0.1", forwards["8080"], forwards.get("22"))
+        process = self._process(name)
         return Workspace(
             name=name,
             runtime=self.name,
             image=record["image"],
-            state=State.RUNNING if running else State.STOPPED,
+            state=state,
             created=record["created"],
             cloned_from=record.get("cloned_from"),
             endpoint=endpoint,
             details={
-                "disk": str(vm.config.disk),
-                "pid": vm.pid,
-                "console_log": str(vm.console_log),
+                "disk": str(self._dir(name) / DISK),
+                "pid": vm_state.pid,
+                "qemu_status": vm_state.qemu_status,
+                "reason": vm_state.reason,
+                "console_log": str(process.console_log),
                 "accelerator": record.get("accelerator"),
             },
         )
-
-    # ---- the interface ------------------------------------------------------------------
-
-    def create(self, name: str, image_ref: str) -> Workspace:
-        check_slug(name, "workspace name")
-        version = self.store.resolve(image_ref)
-        base = version.output_path("qcow2")
-        if self._dir(name).exists():
-            raise Conflict(f"a workspace named '{name}' exists already")
-        self.root.mkdir(parents=True, exist_ok=True)
-        manifest = version.manifest
-        record = {
-            "name": name,
-            "runtime": self.name,
-            "image": version.ref,
-            "image_disk": str(base),
-            "architecture": manifest["architecture"],
-            "user": manifest.get("user", "coder"),
-            "cpus": manifest.get("spec", {}).get("cpus", 2),
-            "memory_mib": manifest.get("spec", {}).get("memory", 4 << 30) // MIB,
-            "mac": random_mac(),
-            "instance_id": uuid.uuid4().hex,
-            "created": utc_now(),
-        }
-        with self._new_directory(name) as directory:
-            # A qcow2 overlay: the same O(1) cost for a 1 GB or a 20 GB image.
-            create_overlay(base, "qcow2", directory / "disk.qcow2")
-            write_json_atomic(directory / RECORD, record)
-        return self._workspace(name, record)
 
     @contextlib.contextmanager
     def _new_directory(self, name: str) -> Iterator[Path]:
@@ -152,34 +202,77 @@ class QemuRuntime(Runtime):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    # ---- the interface ------------------------------------------------------------------
+
+    def create(self, name: str, image_ref: str) -> Workspace:
+        check_slug(name, "workspace name")
+        if self._dir(name).exists():
+            raise Conflict(f"a workspace named '{name}' exists already")
+        # Shared: image rm and gc wait until the overlay and its record exist.
+        with self.store.locked(exclusive=False):
+            version = self.store.resolve(image_ref)
+            base = version.output_path("qcow2")
+            manifest = version.manifest
+            record = {
+                "name": name,
+                "runtime": self.name,
+                "image": version.ref,
+                "image_disk": str(base),
+                "architecture": manifest["architecture"],
+                "user": manifest.get("user", "coder"),
+                "cpus": manifest.get("spec", {}).get("cpus", 2),
+                "memory_mib": manifest.get("spec", {}).get("memory", 4 << 30) // MIB,
+                "mac": random_mac(),
+                "instance_id": uuid.uuid4().hex,
+                "created": utc_now(),
+            }
+            problem = self._check(record)
+            if problem:
+                raise Damaged(
+                    f"{version.ref}'s manifest gives a workspace that cannot run: {problem}",
+                    hint=f"rebuild the image, or remove it: rockpool image rm {version.ref}",
+                )
+            with self._new_directory(name) as directory:
+                # A qcow2 overlay: the same O(1) cost for a 1 GB or a 20 GB image.
+                create_overlay(base, "qcow2", directory / DISK)
+                write_json_atomic(directory / RECORD, record)
+        return self._workspace(name, record, VMState("stopped"))
+
     def start(
         self, name: str, env: Mapping[str, str] | None = None, authorized_keys: str | None = None
     ) -> Workspace:
         with self._locked(name) as directory:
             record = self._record(name)
             vm = self._vm(name, record)
-            if vm.alive():
-                log.info("workspace %s is running already", name)
-                return self._workspace(name, record)
+            current = vm.state()
+            if current.state in ("running", "paused"):
+                log.info("workspace %s is %s already", name, current.state)
+                return self._workspace(name, record, current)
+            if current.state == "failed":
+                log.info("workspace %s had failed (%s); starting it again", name, current.reason)
+                vm.kill()
             write_config_disk(directory, name, record["instance_id"], env, authorized_keys)
-            record["forwards"] = {"8080": free_port(), "22": free_port()}
+            record["forwards"] = {port: free_port() for port in GUEST_PORTS}
             write_json_atomic(directory / RECORD, record)
-            verdict = self._vm(name, record).start()
+            vm = self._vm(name, record)
+            verdict = vm.start()
             record["accelerator"] = {"name": verdict.accelerator, "reason": verdict.reason}
             write_json_atomic(directory / RECORD, record)
-            return self._workspace(name, record)
+            return self._workspace(name, record, vm.state())
 
     def stop(self, name: str, timeout: float = 90.0) -> Workspace:
+        check_timeout(timeout)
         with self._locked(name):
             record = self._record(name)
             vm = self._vm(name, record)
             if vm.alive():
                 graceful = vm.stop(timeout)
                 log.info("stopped %s (%s)", name, "ACPI power-off" if graceful else "killed")
-            return self._workspace(name, record)
+            return self._workspace(name, record, vm.state())
 
     def status(self, name: str) -> Workspace:
-        return self._workspace(name, self._record(name))
+        record = self._record(name)
+        return self._workspace(name, record, self._vm(name, record).state())
 
     def endpoint(self, name: str) -> Endpoint:
         workspace = self.status(name)
@@ -194,7 +287,7 @@ class QemuRuntime(Runtime):
         check_slug(new_name, "workspace name")
         if self._dir(new_name).exists():
             raise Conflict(f"a workspace named '{new_name}' exists already")
-        with self._locked(source) as source_dir:
+        with self._locked(source) as source_dir, self.store.locked(exclusive=False):
             record = self._record(source)
             if self._vm(source, record).alive():
                 raise Conflict(
@@ -204,13 +297,8 @@ class QemuRuntime(Runtime):
                 )
             self.layers.mkdir(parents=True, exist_ok=True)
             layer = self.layers / f"{uuid.uuid4().hex}.qcow2"
-            disk = source_dir / "disk.qcow2"
-            # Freeze the source's disk as a shared layer; both get a fresh overlay on it.
-            # Until the final renames, the source still uses its own disk unchanged.
-            os.link(disk, layer)
-            layer.chmod(0o444)
-            new_top = source_dir / "disk.qcow2.new"
-            create_overlay(layer, "qcow2", new_top)
+            disk = source_dir / DISK
+            new_top = source_dir / NEW_TOP
             clone_record = {
                 **record,
                 "name": new_name,
@@ -220,32 +308,51 @@ class QemuRuntime(Runtime):
                 "created": utc_now(),
             }
             clone_record.pop("forwards", None)
+            clone_record.pop("accelerator", None)
+            # Freeze the source's disk as a shared layer, each side a new overlay on it.
+            # The source switches to its overlay before the clone appears: at no point
+            # can a disk that is still written be another one's backing file.
+            os.link(disk, layer)
+            create_overlay(layer, "qcow2", new_top)
             with self._new_directory(new_name) as directory:
-                create_overlay(layer, "qcow2", directory / "disk.qcow2")
+                create_overlay(layer, "qcow2", directory / DISK)
                 write_json_atomic(directory / RECORD, clone_record)
                 if (source_dir / "authorized_keys").is_file():
                     shutil.copyfile(source_dir / "authorized_keys", directory / "authorized_keys")
-            # The source moves onto the shared layer only once the clone exists.
-            os.replace(new_top, disk)
-        return self._workspace(new_name, clone_record)
+                os.replace(new_top, disk)
+                layer.chmod(0o444)
+        return self._workspace(new_name, clone_record, VMState("stopped"))
 
     def remove(self, name: str, force: bool = False) -> None:
-        with self._locked(name) as directory:
-            vm = self._vm(name)
-            if vm.alive():
+        with self._locked(name, damaged_ok=force) as directory:
+            try:
+                record = self._record(name)
+            except Damaged:
+                record = None  # force: a damaged record goes too
+            process = self._vm(name, record) if record else self._process(name)
+            if process.alive():
                 if not force:
                     raise Conflict(
                         f"workspace '{name}' is running",
                         hint=f"stop it first, or: rockpool workspace rm --force {name}",
                     )
-                vm.kill()
+                process.kill()
             trash = self.root / f".removed-{name}-{uuid.uuid4().hex[:8]}"
             os.rename(directory, trash)  # gone from view at once; deleted below
+        process.qmp_socket.unlink(missing_ok=True)
         shutil.rmtree(trash, ignore_errors=True)
         self.remove_unused_layers()
 
-    def list(self) -> list[Workspace]:
-        return [self.status(name) for name in record_names(self.root)]
+    def list(self) -> builtins.list[Workspace]:
+        records, _ = readable_records(self.root, self._check)
+        return [
+            self._workspace(name, record, self._vm(name, record).state())
+            for name, record in records.items()
+        ]
+
+    def damaged(self) -> builtins.list[Damaged]:
+        """What is wrong with each workspace whose record cannot be trusted."""
+        return readable_records(self.root, self._check)[1]
 
     # ---- what workspaces hold -----------------------------------------------------------
 
@@ -257,21 +364,54 @@ class QemuRuntime(Runtime):
         chain = json.loads(info)
         return [Path(entry["filename"]) for entry in chain[1:]]
 
-    def holders(self) -> dict[Path, builtins.list[str]]:
-        """File -> the workspaces whose disks depend on it."""
-        held: dict[Path, builtins.list[str]] = {}
-        for workspace in self.list():
-            for path in self.backing_files(self._dir(workspace.name) / "disk.qcow2"):
-                held.setdefault(path.resolve(), []).append(workspace.name)
+    def holdings(self) -> Holdings:
+        """File -> the workspaces whose disks depend on it; damaged records included, for
+        their disks still hold what they are built on."""
+        held = Holdings()
+        for name in record_names(self.root):
+            disk = self._dir(name) / DISK
+            if not disk.exists():
+                continue
+            try:
+                chain = self.backing_files(disk)
+            except (CommandFailed, ValueError, KeyError, TypeError):
+                held.unreadable.append(name)
+                continue
+            for path in chain:
+                held.files.setdefault(path.resolve(), []).append(name)
         return held
 
     def remove_unused_layers(self) -> builtins.list[Path]:
-        if not self.layers.is_dir():
-            return []
-        held = self.holders()
-        removed = []
-        for layer in self.layers.glob("*.qcow2"):
-            if layer.resolve() not in held:
-                layer.unlink()
-                removed.append(layer)
-        return removed
+        """Delete the layers no workspace is built on, and what interrupted creates,
+        clones and removes left; under the store's exclusive lock, so none is under way."""
+        with self.store.locked(exclusive=True):
+            self._sweep()
+            if not self.layers.is_dir():
+                return []
+            held = self.holdings()
+            if held.unreadable:
+                log.warning(
+                    "not removing layers: the disks of %s cannot be read",
+                    ", ".join(held.unreadable),
+                )
+                return []
+            removed = []
+            for layer in self.layers.glob("*.qcow2"):
+                if not layer.is_symlink() and layer.resolve() not in held.files:
+                    layer.unlink()
+                    removed.append(layer)
+            return removed
+
+    def _sweep(self) -> None:
+        """What an interrupted create, clone or remove left: never a live one's, for
+        they hold the store's lock while they run."""
+        if not self.root.is_dir():
+            return
+        for entry in self.root.iterdir():
+            if entry.name.startswith((".new-", ".removed-")) and not entry.is_symlink():
+                log.info("removing %s, left by an interrupted operation", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+        for name in record_names(self.root):
+            leftover = self._dir(name) / NEW_TOP
+            if leftover.exists() and not self._process(name).alive():
+                leftover.unlink(missing_ok=True)

@@ -46,6 +46,7 @@ from rockpool.command import CLEAN_PATH, STDERR_TAIL_LINES, clean_environment, r
 from rockpool.errors import (
     CommandFailed,
     Conflict,
+    Damaged,
     ExitCode,
     InvalidInput,
     MissingTool,
@@ -62,7 +63,7 @@ from rockpool.runtime.base import (
     Workspace,
     locked_workspace,
     read_record,
-    record_names,
+    readable_records,
     utc_now,
     workspace_dir,
     write_config_disk,
@@ -684,7 +685,8 @@ class TartRuntime(Runtime):
 
     def list(self) -> builtins.list[Workspace]:
         vms = local_vms()
-        return [
-            self._workspace(name, read_record(self.root, name), vms.get(name))
-            for name in record_names(self.root)
-        ]
+        records, _ = readable_records(self.root)
+        return [self._workspace(name, record, vms.get(name)) for name, record in records.items()]
+
+    def damaged(self) -> builtins.list[Damaged]:
+        return readable_records(self.root)[1]
