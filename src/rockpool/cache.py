@@ -407,11 +407,19 @@ class CachePlan:
     read: bool  # False for --force: every stage runs, and refreshes its entry
     start: CacheEntry | None = None  # the latest cached stage result to restore
     results: dict[str, str] = field(default_factory=dict)
+    # The store's lock, shared, from finding the start until it is restored: no prune
+    # deletes it in between.
+    hold: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def release(self) -> None:
+        self.hold.close()
 
     def find_start(self, until: str | None = None) -> None:
-        """The latest cached result to start from; with until, none after that stage."""
+        """The latest cached result to start from; with until, none after that stage.
+        Holds the store's lock shared until release()."""
         if not self.read:
             return
+        self.hold.enter_context(self.cache.locked(exclusive=False))
         last = CACHED_STAGES.index(until) + 1 if until in CACHED_STAGES else len(CACHED_STAGES)
         if until == "preflight":
             last = 0

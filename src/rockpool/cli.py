@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from rockpool.errors import (
     RockpoolError,
     Terminated,
 )
+from rockpool.files import NotRegularFile, TooLarge, read_regular
 from rockpool.progress import Reporter
 from rockpool.runtime.base import Runtime, Workspace
 from rockpool.runtime.qemu_runtime import QemuRuntime
@@ -172,7 +174,8 @@ def cmd_image_inspect(args: argparse.Namespace, reporter: Reporter) -> int:
     manifest = {**version.manifest, "path": str(version.path)}
     outputs = manifest.get("outputs", {})
     text = [
-        f"{version.ref}  created {manifest.get('created')}  from {manifest['spec']['path']}",
+        f"{version.ref}  created {manifest.get('created')}  "
+        f"from {manifest.get('spec', {}).get('path', '?')}",
         f"  architecture {manifest.get('architecture')}, Debian {manifest.get('suite')}, "
         f"kernel {manifest.get('kernel')}",
         f"  built in {manifest.get('build_seconds')}s: "
@@ -180,8 +183,9 @@ def cmd_image_inspect(args: argparse.Namespace, reporter: Reporter) -> int:
     ]
     for name, entry in outputs.items():
         text.append(
-            f"  {name:<6} {entry['file']:<12} {format_size(entry['size'])} "
-            f"({format_size(entry['allocated'])} on disk) sha256:{entry['sha256']}"
+            f"  {name:<6} {entry['file']:<12} {format_size(entry.get('size', 0))} "
+            f"({format_size(entry.get('allocated', 0))} on disk) "
+            f"sha256:{entry.get('sha256', '?')}"
         )
     npm = manifest.get("packages", {}).get("npm", {})
     text.append(
@@ -268,13 +272,26 @@ def _workspace_line(workspace: Workspace) -> str:
     return f"{workspace.name:<24} {workspace.state.value:<8} {workspace.image}{where}"
 
 
+KEYS_LIMIT = 64 << 10  # many keys fit; a mistaken file (an image, /dev/zero) does not
+
+
 def _read_keys(path: str | None) -> str | None:
     if not path:
         return None
     try:
-        return Path(path).read_text(encoding="utf-8")
+        data = read_regular(path, KEYS_LIMIT)
+    except NotRegularFile:
+        raise InvalidInput(f"--authorized-keys {path} is not a regular file") from None
+    except TooLarge:
+        raise InvalidInput(f"--authorized-keys {path} is over {KEYS_LIMIT >> 10} KiB") from None
     except OSError as exc:
-        raise InvalidInput(f"cannot read --authorized-keys: {exc}") from None
+        raise InvalidInput(f"cannot read --authorized-keys {path}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"--authorized-keys {path} is not text: give public keys, one per line"
+        ) from None
 
 
 def cmd_workspace(args: argparse.Namespace, reporter: Reporter) -> int:
@@ -641,15 +658,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(interrupted, wants_json)
     except RockpoolError as exc:
         return _fail(exc, wants_json)
-    except Exception as exc:  # a bug: say so plainly, keep the traceback for the log
-        if os.environ.get("ROCKPOOL_DEBUG"):
-            raise
-        logging.getLogger("rockpool").exception("internal error")
-        error = RockpoolError(
-            f"internal error: {type(exc).__name__}: {exc}",
-            hint="set ROCKPOOL_DEBUG=1 to see the traceback, and report it",
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _internal_error(exc, wants_json)
+        full = RockpoolError(
+            f"no space left on the device{f' writing {exc.filename}' if exc.filename else ''}; "
+            "what was under way was cleaned up",
+            hint="free space: rockpool image gc; rockpool cache prune --max-size 10G",
         )
-        return _fail(error, wants_json)
+        full.exit_code = ExitCode.COMMAND_FAILED
+        return _fail(full, wants_json)
+    except Exception as exc:
+        return _internal_error(exc, wants_json)
+
+
+def _internal_error(exc: Exception, wants_json: bool) -> int:
+    """A bug: say so plainly, keep the traceback for the log."""
+    if os.environ.get("ROCKPOOL_DEBUG"):
+        raise exc
+    logging.getLogger("rockpool").exception("internal error")
+    error = RockpoolError(
+        f"internal error: {type(exc).__name__}: {exc}",
+        hint="set ROCKPOOL_DEBUG=1 to see the traceback, and report it",
+    )
+    return _fail(error, wants_json)
 
 
 def _fail(error: RockpoolError, wants_json: bool) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from rockpool.lock import Lock
 from rockpool.progress import Reporter
 from rockpool.spec import ImageSpec
 from rockpool.store import Store
+
+log = logging.getLogger("rockpool.pipeline")
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class BuildContext:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         started = time.monotonic()
+        log.info("stage %s: started", name)
         with self.reporter.stage(name):
             yield
         self.stage_seconds[name] = round(time.monotonic() - started, 2)
+        log.info("stage %s: done in %.1fs", name, self.stage_seconds[name])

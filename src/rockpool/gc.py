@@ -78,7 +78,10 @@ def collect(store: Store) -> Collected:
         for name in store.image_names():
             result.warnings += [f"skipped: {problem}" for problem in store.damaged(name)]
             latest = store.latest_id(name)
-            for version in store.versions(name):
+            versions = store.versions(name)
+            if versions and latest not in {v.id for v in versions}:
+                latest = versions[-1].id  # latest is damaged: keep the newest usable one
+            for version in versions:
                 users = held.users(version.path)
                 if version.id == latest or users:
                     result.kept.append(

@@ -40,7 +40,7 @@ from rockpool.progress import Reporter
 from rockpool.provision import provision, setup_variables
 from rockpool.rootfs import LISTING, restore, snapshot
 from rockpool.spec import ImageSpec, spec_digest
-from rockpool.store import Store, Version, sha256_file
+from rockpool.store import Store, Version, is_plain_file_name, sha256_file
 from rockpool.verify import verify_boot
 
 log = logging.getLogger("rockpool.pipeline")
@@ -224,14 +224,11 @@ def write_formats(ctx: BuildContext, backends: Mapping[str, OutputFormat] | None
         raw_digest = pool.submit(sha256_file, ctx.disk)
         for name in ctx.spec.formats:
             key = plan.keys.formats[name] if plan is not None else None
-            entry = plan.cache.get("formats", key) if plan and plan.read and key else None
-            if entry is not None:
-                file_name = str(entry.facts["file"])
-                link_tree(entry.file(file_name), out / file_name)
-                outputs[name] = {"file": file_name}
+            if plan and plan.read and key and _link_cached_format(ctx, plan, key, outputs, name):
                 _record(ctx, f"formats/{name}", "cached")
                 continue
             backend = (backends or {}).get(name) or output_format(name)
+            log.info("format %s: writing", name)
             written = backend.write(ctx, ctx.disk, out)
             outputs[name] = {"file": written.path.name}
             if plan is not None and key is not None:
@@ -254,6 +251,22 @@ def write_formats(ctx: BuildContext, backends: Mapping[str, OutputFormat] | None
             if path.is_dir():
                 entry["files"] = file_digests(path, known)
     ctx.facts["outputs"] = outputs
+
+
+def _link_cached_format(
+    ctx: BuildContext, plan: CachePlan, key: str, outputs: dict[str, Any], name: str
+) -> bool:
+    """Link a format's cached output into the version, if the cache has it."""
+    with plan.cache.locked(exclusive=False):  # no prune between the check and the link
+        entry = plan.cache.get("formats", key)
+        if entry is None:
+            return False
+        file_name = str(entry.facts["file"])
+        if not is_plain_file_name(file_name):
+            return False
+        link_tree(entry.file(file_name), ctx.outputs_dir / file_name)
+    outputs[name] = {"file": file_name}
+    return True
 
 
 def land(ctx: BuildContext, started: float) -> Version:
@@ -347,9 +360,10 @@ def provision_with_runtime_layer(ctx: BuildContext) -> None:
     skips its slowest part (compiling code-server's native modules)."""
     plan = _plan(ctx)
     key = plan.keys.runtime
-    entry = plan.cache.get("runtime", key) if plan.read and key else None
-    if entry is not None:
-        restore(entry.file(RUNTIME_TARBALL), ctx.root)
+    with plan.cache.locked(exclusive=False):  # no prune between the check and the restore
+        entry = plan.cache.get("runtime", key) if plan.read and key else None
+        if entry is not None:
+            restore(entry.file(RUNTIME_TARBALL), ctx.root)
     provision(ctx)
     if key is None:
         return
@@ -373,6 +387,7 @@ def _root_stage(ctx: BuildContext, name: str, work: Stage) -> None:
     entry = plan.restores(name)
     if entry is not None:
         restore(entry.file(ROOT_TARBALL), ctx.root)
+        plan.release()
         ctx.facts.update(entry.facts)
         _record(ctx, name, "cached")
         return
@@ -399,6 +414,7 @@ def cached_disk(ctx: BuildContext) -> None:
     if entry is not None:
         link_tree(entry.file(ctx.disk.name), ctx.disk)
         link_tree(entry.file(LISTING), ctx.listing)
+        plan.release()
         ctx.facts.update(entry.facts)
         _record(ctx, "disk", "cached")
         return
@@ -419,6 +435,14 @@ STAGES: list[tuple[str, Stage]] = [
 ]
 
 
+class BuildLog(logging.FileHandler):
+    """The build's log file. A line it cannot write (the disk is full) is dropped: the
+    build's own error says what went wrong, and must not be buried under tracebacks."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def _open_log(store: Store, name: str) -> tuple[Path, logging.Handler]:
     logs = store.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -426,7 +450,7 @@ def _open_log(store: Store, name: str) -> tuple[Path, logging.Handler]:
         old.unlink(missing_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = logs / f"{stamp}-{name}-{os.getpid()}.log"
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = BuildLog(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
     handler.setLevel(logging.DEBUG)
     return path, handler
@@ -583,9 +607,13 @@ def run_build(
             # and must not import code that was changed on disk meanwhile.
             for name in spec.formats:
                 output_format(name)
-            for name, stage in stages:
-                with ctx.stage(name):
-                    stage(ctx)
+            try:
+                for name, stage in stages:
+                    with ctx.stage(name):
+                        stage(ctx)
+            finally:
+                if ctx.cache_plan is not None:
+                    ctx.cache_plan.release()
             if until is not None:
                 reporter.info(f"stopped after {until}; its result is in the stage cache")
                 return BuildResult(

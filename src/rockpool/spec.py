@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import re
-import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.errors import SpecError
+from rockpool.files import NotRegularFile, TooLarge, read_regular
 from rockpool.formats import ARM64_ONLY_FORMATS, FORMAT_NAMES
 from rockpool.names import SLUG_RULE, is_slug
 from rockpool.units import parse_size
@@ -266,22 +265,19 @@ def _read_toml(path: Path) -> dict[str, Any]:
     """A spec file's TOML: a regular file under the size cap, opened without blocking
     (a FIFO or a device never hangs or floods the build)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        data = read_regular(path, SPEC_SIZE_LIMIT)
     except FileNotFoundError:
         raise SpecError(path, None, "file not found") from None
+    except NotRegularFile:
+        raise SpecError(
+            path, None, "is not a regular file", hint="pass the spec's .toml file"
+        ) from None
+    except TooLarge:
+        raise SpecError(
+            path, None, f"is larger than {SPEC_SIZE_LIMIT // 1024} KiB; no spec is"
+        ) from None
     except OSError as exc:
         raise SpecError(path, None, f"cannot read: {exc.strerror}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SpecError(path, None, "is not a regular file", hint="pass the spec's .toml file")
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            data = handle.read(SPEC_SIZE_LIMIT + 1)
-    except OSError as exc:
-        raise SpecError(path, None, f"cannot read: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > SPEC_SIZE_LIMIT:
-        raise SpecError(path, None, f"is larger than {SPEC_SIZE_LIMIT // 1024} KiB; no spec is")
     try:
         return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,18 +89,44 @@ def is_plain_file_name(name: object) -> bool:
     )
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# Fields readers rely on, and the shape each must have where present.
+_MANIFEST_FIELDS: dict[str, Any] = {
+    "created": lambda v: isinstance(v, str),
+    "user": lambda v: isinstance(v, str),
+    "spec": lambda v: (
+        isinstance(v, dict) and all(_is_count(v[k]) for k in ("cpus", "memory") if k in v)
+    ),
+    "packages": lambda v: isinstance(v, dict) and all(isinstance(p, dict) for p in v.values()),
+    "stage_seconds": lambda v: isinstance(v, dict),
+    "verification": lambda v: isinstance(v, dict),
+}
+
+
+def _manifest_problem(manifest: object) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"holds {type(manifest).__name__}, not an object"
+    if manifest.get("architecture") not in ("amd64", "arm64"):
+        return f"names no architecture rockpool builds ({manifest.get('architecture')!r})"
+    if not isinstance(manifest.get("outputs"), dict):
+        return "has no outputs"
+    for fmt, entry in manifest["outputs"].items():
+        if not isinstance(entry, dict) or not is_plain_file_name(entry.get("file")):
+            return f"outputs.{fmt} names no file of the version's own"
+        if not all(_is_count(entry[k]) for k in ("size", "allocated") if k in entry):
+            return f"outputs.{fmt} has sizes that are no byte counts"
+    for key, valid in _MANIFEST_FIELDS.items():
+        if key in manifest and not valid(manifest[key]):
+            return f"has a {key} rockpool did not write"
+    return None
+
+
 def check_manifest(path: Path, manifest: object) -> dict[str, Any]:
     """The manifest as rockpool wrote it, or Damaged naming the file and the fix."""
-    problem = None
-    if not isinstance(manifest, dict):
-        problem = f"holds {type(manifest).__name__}, not an object"
-    elif not isinstance(manifest.get("outputs"), dict):
-        problem = "has no outputs"
-    else:
-        for fmt, entry in manifest["outputs"].items():
-            if not isinstance(entry, dict) or not is_plain_file_name(entry.get("file")):
-                problem = f"outputs.{fmt} names no file of the version's own"
-                break
+    problem = _manifest_problem(manifest)
     if problem is not None:
         raise Damaged(
             f"the manifest {path} {problem}",
@@ -147,8 +174,15 @@ def _mounts_below(path: Path) -> list[str]:
     return [p for p in points if p.startswith(prefix)]
 
 
-# Store-lock modes this process holds, by store root: ("shared"|"exclusive", depth).
-_HELD: dict[Path, tuple[str, int]] = {}
+class _Held(threading.local):
+    """The store-lock modes this thread holds, by store root: (mode, depth). Per thread:
+    each thread's flock is its own open file, as another process's would be."""
+
+    def __init__(self) -> None:
+        self.locks: dict[Path, tuple[str, int]] = {}
+
+
+_HELD = _Held()
 
 
 class Store:
@@ -167,27 +201,27 @@ class Store:
         """
         mode = "exclusive" if exclusive else "shared"
         key = self.root.absolute()
-        held = _HELD.get(key)
+        held = _HELD.locks.get(key)
         if held is not None:
             if exclusive and held[0] == "shared":
                 raise RuntimeError("the store lock is held shared; it cannot become exclusive")
-            _HELD[key] = (held[0], held[1] + 1)
+            _HELD.locks[key] = (held[0], held[1] + 1)
             try:
                 yield
             finally:
-                _HELD[key] = held
+                _HELD.locks[key] = held
             return
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            _HELD[key] = (mode, 1)
+            _HELD.locks[key] = (mode, 1)
             try:
                 yield
             finally:
-                del _HELD[key]
+                del _HELD.locks[key]
 
     def holds_exclusive(self) -> bool:
-        held = _HELD.get(self.root.absolute())
+        held = _HELD.locks.get(self.root.absolute())
         return held is not None and held[0] == "exclusive"
 
     @classmethod

@@ -52,8 +52,10 @@ PACKAGES: dict[str, str] = {
     "lz4": "lz4",
     "mdir": "mtools",
     "mtype": "mtools",
+    "qemu-io": "qemu-utils",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
+    "umount": "mount",
 }
 # Packages whose files, not programs, rockpool uses: UEFI firmware for each guest
 # architecture, and the CA bundle behind registry downloads.
@@ -124,8 +126,10 @@ TESTS = (
     "lz4",
     "mdir",
     "mtype",
+    "qemu-io",
     "ssh",
     "ssh-keygen",
+    "umount",
 )
 
 

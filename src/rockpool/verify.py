@@ -10,6 +10,7 @@ greets. The VM is stopped and its files deleted whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import os
@@ -94,12 +95,13 @@ def verify_boot(ctx: BuildContext) -> None:
     how = "/healthz" if spec.code_server_version else "SSH"
     started = time.monotonic()
     try:
-        verdict = vm.start()
-        ctx.reporter.status(f"booting under {verdict.accelerator}; waiting for {how}")
-        _wait(vm, how, started + timeout)
-        seconds = round(time.monotonic() - started, 1)
+        # Attached: QEMU dies with the build, whatever kills it.
+        with contextlib.ExitStack() as attached:
+            verdict = vm.start(attach=attached)
+            ctx.reporter.status(f"booting under {verdict.accelerator}; waiting for {how}")
+            _wait(vm, how, started + timeout)
+            seconds = round(time.monotonic() - started, 1)
     finally:
-        vm.kill()
         vm.qmp_socket.unlink(missing_ok=True)
         overlay.unlink(missing_ok=True)
     ctx.facts["verification"] = {

@@ -40,6 +40,10 @@ def test_manifest_records_inputs_versions_and_outputs(
 ) -> None:
     manifest = built_image.manifest
     assert re.fullmatch(r"[0-9a-f]{64}", manifest["input_digest"])
+    # latest moved to it only after it booted and code-server answered /healthz.
+    verification = manifest["verification"]
+    assert verification["verified"] is True and "/healthz answered" in verification["how"]
+    assert verification["accelerator"] in ("kvm", "tcg") and verification["seconds"] > 0
     assert manifest["build_seconds"] > 0
     assert set(manifest["stage_seconds"]) >= {"bootstrap", "provision", "disk", "formats"}
     packages = manifest["packages"]

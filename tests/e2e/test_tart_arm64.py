@@ -48,6 +48,11 @@ def has_code_server(version: Version) -> bool:
 def test_arm64_manifest_and_tart_bundle(arm64_image: Version) -> None:
     manifest = arm64_image.manifest
     assert manifest["architecture"] == "arm64"
+    # It landed only after it booted under qemu-system-aarch64 (TCG on this host).
+    verification = manifest["verification"]
+    assert verification["verified"] is True and verification["seconds"] > 0
+    how = "/healthz" if has_code_server(arm64_image) else "SSH"
+    assert how in verification["how"] and verification["accelerator"] == "tcg"
     assert manifest["spec"]["setup_script"] == str(REPO / "images" / "scripts" / "setup.sh")
     assert set(manifest["outputs"]) == {"tart", "tart-oci", "qcow2"}
     bundle = arm64_image.output_path("tart")

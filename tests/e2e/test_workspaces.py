@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -231,3 +233,81 @@ def test_image_updates_reach_new_workspaces_only(
         for name in ("old", "new"):
             with contextlib.suppress(NotFound):
                 runtime.remove(name, force=True)
+
+
+def cli_env(store_home: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "ROCKPOOL_HOME": str(store_home), **extra}
+
+
+def test_a_kvm_start_that_fails_ends_on_tcg_and_serves(
+    runtime: QemuRuntime, store_home: Path, ssh_key: Path
+) -> None:
+    """KVM forced past the probe: where it fails, as it does on these machines (QEMU
+    aborts, or the guest stops in internal-error), start restarts the guest under TCG
+    by itself and the workspace says why."""
+    runtime.create("kvmfall", "workspace")
+    try:
+        started = subprocess.run(
+            [sys.executable, "-m", "rockpool", "-q", "workspace", "start", "kvmfall", "--json"],
+            env=cli_env(store_home, ROCKPOOL_ACCEL="kvm"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert started.returncode == 0, started.stderr
+        accelerator = json.loads(started.stdout)["details"]["accelerator"]
+        if accelerator["name"] == "kvm":
+            pytest.skip("KVM really runs guests on this host: there is no failure to recover")
+        assert accelerator["name"] == "tcg"
+        assert "a KVM guest failed at start" in accelerator["reason"]
+        Session(runtime, "kvmfall", ssh_key).wait_ready()  # /healthz and SSH under TCG
+        assert runtime.status("kvmfall").details["accelerator"] == accelerator
+        # The verdict holds for this boot of the host: an automatic start uses TCG.
+        runtime.stop("kvmfall")
+        again = runtime.start("kvmfall")
+        assert again.details["accelerator"]["name"] == "tcg"
+    finally:
+        runtime.remove("kvmfall", force=True)
+
+
+def test_sigterm_stops_the_cli_not_the_vm_and_a_paused_guest_stops_at_once(
+    runtime: QemuRuntime, store_home: Path
+) -> None:
+    runtime.create("signals", "workspace")
+    try:
+        runtime.start("signals")  # still in its firmware: deaf to the power button
+        stop = subprocess.Popen(
+            [sys.executable, "-m", "rockpool", "workspace", "stop", "signals", "--timeout", "600"],
+            env=cli_env(store_home),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_until(lambda: stop.poll() is None and _stop_waiting(stop.pid), 60, "stop to wait")
+        stop.terminate()
+        _, stderr = stop.communicate(timeout=60)
+        assert stop.returncode == 143, stderr
+        assert "interrupted by SIGTERM" in stderr and "Traceback" not in stderr
+        assert runtime.status("signals").state == State.RUNNING  # not hard-killed
+
+        vm = runtime._vm(
+            "signals", json.loads((runtime.root / "signals/workspace.json").read_text())
+        )
+        vm.qmp("stop")  # paused, as a debugger or a migration leaves it
+        status = runtime.status("signals")
+        assert status.state == State.PAUSED and status.endpoint is None
+        assert status.details["qemu_status"] == "paused"
+        result = run_rockpool(store_home, "workspace", "stop", "signals", "--timeout", "600")
+        assert result.returncode == 0, result.stderr  # at once: a paused guest cannot power off
+        assert runtime.status("signals").state == State.STOPPED
+    finally:
+        runtime.remove("signals", force=True)
+
+
+def _stop_waiting(pid: int) -> bool:
+    """The stop command is past its QMP call, waiting for the guest to power off: it
+    sleeps between looks at the process (not in a QMP read)."""
+    try:
+        stack = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+    return stack in ("hrtimer_nanosleep", "do_nanosleep", "clock_nanosleep")

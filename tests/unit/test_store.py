@@ -24,7 +24,11 @@ def prepared_version(store: Store, content: bytes) -> Path:
 
 
 def land(store: Store, version_id: str, content: bytes, created: str) -> None:
-    manifest = {"created": created, "outputs": {"raw": {"file": "disk.raw", "size": len(content)}}}
+    manifest = {
+        "created": created,
+        "architecture": "amd64",
+        "outputs": {"raw": {"file": "disk.raw", "size": len(content)}},
+    }
     store.land("workspace", version_id, prepared_version(store, content), manifest)
 
 

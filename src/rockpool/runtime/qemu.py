@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rockpool import host, tools
-from rockpool.command import run
+from rockpool.command import background, run
 from rockpool.errors import CommandFailed, Conflict, MissingTool, RockpoolError
 from rockpool.runtime import kvm, qmp
 from rockpool.runtime.kvm import MACHINE, Firmware
@@ -180,6 +180,7 @@ class QemuVM(QemuProcess):
         self.config = config
         self.started_at = 0.0
         self.accelerator: kvm.Verdict | None = None
+        self._attach: contextlib.ExitStack | None = None
 
     def argv(self, verdict: kvm.Verdict) -> list[str]:
         c = self.config
@@ -242,9 +243,14 @@ class QemuVM(QemuProcess):
             ]
         return argv
 
-    def start(self) -> kvm.Verdict:
+    def start(self, attach: contextlib.ExitStack | None = None) -> kvm.Verdict:
         """Boot the VM; under KVM, watch its first seconds and restart it under TCG if
-        the guest fails there. Returns the accelerator it runs on, and why."""
+        the guest fails there. Returns the accelerator it runs on, and why.
+
+        A workspace's VM is daemonized and outlives rockpool. With attach, QEMU stays
+        rockpool's child instead, is stopped when attach closes, and dies with rockpool
+        even by kill -9 (a build's verifying boot)."""
+        self._attach = attach
         host.require([tools.QEMU_SYSTEM[self.config.arch]], "running a VM")
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
         self.qmp_socket.parent.mkdir(parents=True, exist_ok=True)
@@ -266,8 +272,20 @@ class QemuVM(QemuProcess):
         self.pidfile.unlink(missing_ok=True)
         self.console_log.unlink(missing_ok=True)
         self.started_at = time.monotonic()
-        # -daemonize returns once QEMU is set up, with its errors on our stderr.
-        run([*self.argv(verdict), "-daemonize", "-pidfile", str(self.pidfile)], timeout=120)
+        argv = [*self.argv(verdict), "-pidfile", str(self.pidfile)]
+        if self._attach is None:
+            # -daemonize returns once QEMU is set up, with its errors on our stderr.
+            run([*argv, "-daemonize"], timeout=120)
+            return
+        output = self.run_dir / "qemu.log"
+        proc = self._attach.enter_context(background(argv, log_path=output))
+        deadline = time.monotonic() + 120
+        while not (self.qmp_socket.exists() and self.alive()):  # QEMU is set up
+            if proc.poll() is not None:
+                raise CommandFailed(argv, proc.returncode, _tail(output))
+            if time.monotonic() > deadline:
+                raise CommandFailed(argv, -1, "QEMU did not set up within 120s")
+            time.sleep(0.05)  # poll interval while QEMU starts
 
     def _launch_kvm(self, verdict: kvm.Verdict) -> str | None:
         """Start under KVM and watch until the firmware prints; None if it runs, else

@@ -328,6 +328,8 @@ class QemuRuntime(Runtime):
             try:
                 record = self._record(name)
             except Damaged:
+                if not force:
+                    raise
                 record = None  # force: a damaged record goes too
             process = self._vm(name, record) if record else self._process(name)
             if process.alive():
