@@ -160,6 +160,32 @@ def run(
     return subprocess.CompletedProcess(args, returncode, stdout, "\n".join(stderr_tail))
 
 
+def _start_logged(
+    argv: Sequence[str | Path],
+    log_path: Path,
+    env: Mapping[str, str] | None,
+    *,
+    attached: bool,
+) -> subprocess.Popen[bytes]:
+    """Start argv with its output appended to log_path: attached, it dies with rockpool;
+    detached, it runs in a session of its own and outlives it."""
+    args = [str(a) for a in argv]
+    log.info("$ %s %s", shlex.join(args), "(while watched)" if attached else "&")
+    try:
+        with open(log_path, "ab") as output:
+            return subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else clean_environment(),
+                start_new_session=not attached,
+                preexec_fn=_die_with_parent if attached else None,
+            )
+    except FileNotFoundError as exc:
+        raise _missing(args[0]) from exc
+
+
 def spawn(
     argv: Sequence[str | Path], *, log_path: Path, env: Mapping[str, str] | None = None
 ) -> int:
@@ -168,21 +194,7 @@ def spawn(
     It runs in a session of its own, so neither rockpool's exit nor a Ctrl-C in the
     worker's terminal stops it. Returns its pid.
     """
-    args = [str(a) for a in argv]
-    log.info("$ %s &", shlex.join(args))
-    try:
-        with open(log_path, "ab") as output:
-            proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                env=dict(env) if env is not None else clean_environment(),
-                start_new_session=True,
-            )
-    except FileNotFoundError as exc:
-        raise _missing(args[0]) from exc
-    return proc.pid
+    return _start_logged(argv, log_path, env, attached=False).pid
 
 
 @contextlib.contextmanager
@@ -191,20 +203,7 @@ def background(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run argv while the block runs (a probe VM, say), its output to log_path; it is
     stopped, with everything it started, when the block ends, and dies with rockpool."""
-    args = [str(a) for a in argv]
-    log.info("$ %s  (while watched)", shlex.join(args))
-    try:
-        with open(log_path, "ab") as output:
-            proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                env=dict(env) if env is not None else clean_environment(),
-                preexec_fn=_die_with_parent,
-            )
-    except FileNotFoundError as exc:
-        raise _missing(args[0]) from exc
+    proc = _start_logged(argv, log_path, env, attached=True)
     try:
         yield proc
     finally:

@@ -248,7 +248,10 @@ def test_a_kvm_start_that_fails_ends_on_tcg_and_serves(
     runtime.create("kvmfall", "workspace")
     try:
         started = subprocess.run(
-            [sys.executable, "-m", "rockpool", "-q", "workspace", "start", "kvmfall", "--json"],
+            [
+                *(sys.executable, "-m", "rockpool", "-q", "workspace", "start", "kvmfall"),
+                *("--json", "--authorized-keys", str(ssh_key.with_suffix(".pub"))),
+            ],
             env=cli_env(store_home, ROCKPOOL_ACCEL="kvm"),
             capture_output=True,
             text=True,

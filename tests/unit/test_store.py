@@ -141,3 +141,63 @@ def test_concurrent_stagings_never_sweep_each_other(tmp_path: Path) -> None:
     with store.staging() as first, store.staging() as second:
         assert first.is_dir() and second.is_dir() and first != second
         assert store.remove_stale_staging() == []
+
+
+LANDING_CHILD = """
+import os, signal, sys
+from pathlib import Path
+from rockpool.store import Store
+
+kill_at = int(sys.argv[2])
+calls = [0]
+
+def counted(real):
+    def call(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return call
+
+for name in ("rename", "replace", "symlink", "fsync"):
+    setattr(os, name, counted(getattr(os, name)))
+store = Store(Path(sys.argv[1]))
+prepared = store.root / "prepared"
+prepared.mkdir()
+(prepared / "disk.raw").write_bytes(b"two")
+manifest = {"architecture": "amd64", "input_digest": "d" * 64,
+            "outputs": {"raw": {"file": "disk.raw", "size": 3}}}
+store.land("workspace", "bbbbbbbbbbbb", prepared, manifest)
+print(calls[0])
+"""
+
+
+def test_a_landing_killed_at_any_step_leaves_a_whole_store(tmp_path: Path) -> None:
+    """kill -9 at every rename, replace, symlink and fsync of a landing in turn."""
+    steps = None
+    kill_at = 1
+    while steps is None or kill_at <= steps:
+        home = tmp_path / f"kill-{kill_at}"
+        store = Store(home)
+        land(store, "aaaaaaaaaaaa", b"one", "2026-01-01T00:00:00+00:00")
+        child = subprocess.run(
+            [sys.executable, "-c", LANDING_CHILD, str(home), str(kill_at)],
+            capture_output=True,
+            text=True,
+        )
+        if child.returncode == 0:  # it ran past the last step: that many steps in all
+            steps = int(child.stdout)
+            break
+        assert child.returncode == -signal.SIGKILL, child.stderr
+        # Whole: every version readable, latest one of them, nothing half landed.
+        found = [v.id for v in store.versions("workspace")]
+        assert found in (["aaaaaaaaaaaa"], ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]), (kill_at, found)
+        assert store.damaged("workspace") == []
+        assert store.latest_id("workspace") in found
+        # The next build lands it, and it is latest.
+        store.repair_latest("workspace")
+        land(store, "bbbbbbbbbbbb", b"two", "2026-01-02T00:00:00+00:00")
+        assert store.resolve("workspace").id == "bbbbbbbbbbbb"
+        assert store.resolve("workspace:bbbbbbbbbbbb").output_path("raw").read_bytes() == b"two"
+        kill_at += 1
+    assert steps is not None and steps >= 8  # every step was killed once
