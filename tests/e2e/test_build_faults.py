@@ -84,7 +84,8 @@ class Build:
         return self.proc.stderr.read() if self.proc.stderr else ""
 
     def kill(self, sig: int = signal.SIGKILL) -> tuple[int, str]:
-        os.kill(self.proc.pid, sig)
+        if self.proc.poll() is None:  # the landing may have been quicker than the look
+            os.kill(self.proc.pid, sig)
         _, stderr = self.proc.communicate(timeout=180)
         return self.proc.returncode, stderr
 
