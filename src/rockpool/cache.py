@@ -416,7 +416,7 @@ class CachePlan:
 
     def find_start(self, until: str | None = None) -> None:
         """The latest cached result to start from; with until, none after that stage.
-        Holds the store's lock shared until release()."""
+        Holds the store's lock shared until release(), when there is one to restore."""
         if not self.read:
             return
         self.hold.enter_context(self.cache.locked(exclusive=False))
@@ -428,6 +428,7 @@ class CachePlan:
             if entry is not None:
                 self.start = entry
                 return
+        self.release()  # nothing to restore: a cold build holds no lock for its hour
 
     def covered(self, stage: str) -> bool:
         """The restored result already includes this stage's work."""

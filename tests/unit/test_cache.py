@@ -148,3 +148,18 @@ def test_max_size_errors_name_the_setting() -> None:
     assert parse_max_size("20G") == 20 << 30
     with pytest.raises(InvalidInput, match="ROCKPOOL_CACHE_MAX_SIZE"):
         parse_max_size("lots", "ROCKPOOL_CACHE_MAX_SIZE")
+
+
+def test_a_cold_plan_holds_no_store_lock(tmp_path: Path) -> None:
+    """A build with nothing cached must not hold the store lock while it runs: image gc
+    and rm would wait for its hour."""
+    from rockpool.store import Store
+
+    store = Store(tmp_path / "store")
+    keys = StageKeys("a" * 64, "b" * 64, "c" * 64, {}, None)
+    plan = CachePlan(StageCache.of_store(store.root), keys, read=True)
+    plan.find_start()
+    assert plan.start is None
+    with store.locked(exclusive=True):  # would deadlock against a held shared lock
+        pass
+    assert not store.holds_exclusive()
