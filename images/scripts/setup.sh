@@ -240,8 +240,46 @@ MOUNT=/run/rockpool/config
 ENV_OUT=/run/rockpool/env
 WORKSPACE_USER=$(cat /usr/local/lib/rockpool/workspace-user)
 NAME_RULE='1 to 63 characters of a-z, 0-9 and -, not starting or ending with -'
+# The host's caps too (rockpool.carrier ENV_LIMIT, VALUE_LIMIT), checked again here: a
+# config disk written by another tool must not stall this service, and the boot.
+ENV_LIMIT=$((64 << 10))  # bytes of the whole env file
+VALUE_LIMIT=4096         # bytes of one value
 
 fail() { echo "rockpool-init: $*" >&2; exit 1; }
+warn() { echo "rockpool-init: $*" >&2; }
+
+# read_env FILE: its ROCKPOOL_* variables into the array values, which the caller declares.
+# It takes time linear in the file: its size is checked before any of it is read, so no
+# line is longer than ENV_LIMIT, and nothing here is worse than one pass over a line
+# (${line%$'\r'} is not used: bash takes quadratic time for it, 100 s on a 1.5 MB line).
+# A too long value is left out, with a message, and the boot goes on with the rest.
+# A too large file is left out whole, as if it had no variables: a part of it cut off at
+# the limit could end in a half line, read as a wrong value. Without
+# ROCKPOOL_WORKSPACE_NAME this service then fails as for any env that lacks it (SSH keys
+# are in place already), while the boot goes on.
+read_env() {
+  local LC_ALL=C  # lengths in bytes, and [[:print:]] is printable ASCII, as on the host
+  local size line key value lineno=0
+  size=$(wc -c <"$1")
+  if [ "$size" -gt "$ENV_LIMIT" ]; then
+    warn "the config disk's env file is $size bytes, over the limit of $ENV_LIMIT; none of it is used (pass large data another way)"
+    return 0
+  fi
+  while IFS= read -r line || [ -n "$line" ]; do
+    lineno=$((lineno + 1))
+    [[ ${line: -1} == $'\r' ]] && line=${line:0:-1}
+    [[ -z $line || $line == \#* ]] && continue
+    [[ $line =~ ^(ROCKPOOL_[A-Z0-9_]+)=(.*)$ ]] ||
+      fail "env line $lineno is not ROCKPOOL_NAME=value: ${line:0:80}"
+    key=${BASH_REMATCH[1]} value=${BASH_REMATCH[2]}
+    if [ "${#value}" -gt "$VALUE_LIMIT" ]; then
+      warn "env line $lineno: $key is ${#value} bytes, over the limit of $VALUE_LIMIT; it is left out (pass large data another way)"
+      continue
+    fi
+    [[ $value =~ ^[[:print:]]*$ ]] || fail "env line $lineno: $key has non-printable characters"
+    values[$key]=$value
+  done <"$1"
+}
 
 mkdir -p /run/rockpool
 rm -f "$ENV_OUT"
@@ -270,17 +308,7 @@ fi
 
 [ -f "$MOUNT/env" ] || fail "the config disk has no env file, so ROCKPOOL_WORKSPACE_NAME is unset; code-server will not start"
 declare -A values=()
-lineno=0
-while IFS= read -r line || [ -n "$line" ]; do
-  lineno=$((lineno + 1))
-  line=${line%$'\r'}
-  [[ -z $line || $line == \#* ]] && continue
-  [[ $line =~ ^(ROCKPOOL_[A-Z0-9_]+)=(.*)$ ]] ||
-    fail "env line $lineno is not ROCKPOOL_NAME=value: ${line:0:80}"
-  key=${BASH_REMATCH[1]} value=${BASH_REMATCH[2]}
-  [[ $value =~ ^[[:print:]]*$ ]] || fail "env line $lineno: $key has non-printable characters"
-  values[$key]=$value
-done <"$MOUNT/env"
+read_env "$MOUNT/env"
 
 name=${values[ROCKPOOL_WORKSPACE_NAME]:-}
 [ -n "$name" ] || fail "ROCKPOOL_WORKSPACE_NAME is missing from the config disk; code-server will not start"

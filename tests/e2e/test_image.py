@@ -295,5 +295,18 @@ def test_invalid_workspace_name_fails_the_init_unit(
         journal = guest.ssh("sudo journalctl -b -u rockpool-init --no-pager")
         assert "ROCKPOOL_WORKSPACE_NAME is missing" in journal
         assert guest.ssh("systemctl is-active code-server", check=False).strip() != "active"
+
+        # A value over the guest's cap (a disk another tool wrote) is left out, with a
+        # message, and the rest boots as usual.
+        assert guest.stop()
+        big = {"ROCKPOOL_WORKSPACE_NAME": "carol", "ROCKPOOL_BIG": "x" * 5000}
+        guest.configure({**big, "ROCKPOOL_TEAM": "blue"}, validate=False)
+        guest.start()
+        guest.wait_healthz()
+        guest.wait_ssh()
+        journal = guest.ssh("sudo journalctl -b -u rockpool-init --no-pager")
+        assert "ROCKPOOL_BIG is 5000 bytes, over the limit of 4096" in journal
+        env = guest.ssh("sudo cat /run/rockpool/env")
+        assert "ROCKPOOL_TEAM=blue" in env and "ROCKPOOL_BIG" not in env
     finally:
         guest.kill()

@@ -31,6 +31,7 @@ from rockpool.runtime import tart as tart_module
 from rockpool.runtime.base import State
 from rockpool.runtime.tart import TartRuntime, TartVMError
 from rockpool.store import Store, Version
+from tests.keys import PUBLIC_KEY
 
 STANDINS = Path(__file__).resolve().parents[1] / "standins"
 STANDIN = STANDINS / "tart"
@@ -152,7 +153,8 @@ def record(runtime: TartRuntime, name: str) -> dict[str, object]:
 
 
 def run_call(runtime: TartRuntime, name: str) -> list[str]:
-    return ["run", name, "--no-graphics", "--disk", f"{runtime.root / name / 'config.img'}:ro"]
+    disk = f"{runtime.root / name / 'config.img'}:ro"
+    return ["run", name, "--no-graphics", "--net-softnet", "--disk", disk]
 
 
 # ---- install --------------------------------------------------------------------------------
@@ -256,10 +258,11 @@ def test_create_start_stop_remove(tart: Tart) -> None:
     assert rec["image"] == f"workspace-arm64:{VERSION_ID}" and rec["cloned_from"] is None
     assert re.fullmatch(r"[0-9a-f]{32}", str(rec["instance_id"])) and rec["created"]
 
-    keys = "ssh-ed25519 AAAA k"
+    keys = PUBLIC_KEY
     started = runtime.start("alice", {"ROCKPOOL_TEAM": "blue"}, authorized_keys=keys)
     assert tart.calls()[-1] == run_call(runtime, "alice")
     assert started.state == State.RUNNING and started.endpoint is not None
+    assert started.endpoint.network == "softnet"  # isolated by default: Tart's Softnet
     assert re.fullmatch(r"192\.168\.64\.\d+", started.endpoint.host)
     assert (started.endpoint.port, started.endpoint.ssh_port) == (8080, 22)
     assert started.endpoint.url == f"http://{started.endpoint.host}:8080/"
@@ -302,7 +305,7 @@ def test_clone_is_a_new_machine(tart: Tart) -> None:
     land_version(tart.store)
     runtime = TartRuntime(tart.store)
     runtime.create("alice", "workspace-arm64")
-    runtime.start("alice", authorized_keys="ssh-ed25519 AAAA k")
+    runtime.start("alice", authorized_keys=PUBLIC_KEY)
 
     # A running source is refused, and so is removing it without force.
     with pytest.raises(Conflict, match="running"):
@@ -323,7 +326,7 @@ def test_clone_is_a_new_machine(tart: Tart) -> None:
     env = carrier_env(runtime, "bob")
     assert env["ROCKPOOL_INSTANCE_ID"] == bob_rec["instance_id"]
     assert env["ROCKPOOL_WORKSPACE_NAME"] == "bob"
-    assert (runtime.root / "bob" / "authorized_keys").read_text() == "ssh-ed25519 AAAA k"
+    assert (runtime.root / "bob" / "authorized_keys").read_text() == PUBLIC_KEY + "\n"
 
     def mac(vm: str) -> str:
         return str(json.loads((tart.vm_dir(vm) / "config.json").read_text())["macAddress"])
