@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from rockpool import tools
-from rockpool.errors import CommandFailed, MissingTool
+from rockpool.errors import CommandFailed, MissingTool, redact
 
 log = logging.getLogger("rockpool.command")
 
@@ -34,6 +34,11 @@ _PR_SET_PDEATHSIG = 1
 # Host variables a build may need to reach package registries. They are passed to
 # the build only and never written into an image.
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+
+def shown(argv: Sequence[str | Path]) -> str:
+    """A command line as logs and errors show it: quoted, with URL credentials masked."""
+    return redact(shlex.join(str(a) for a in argv))
 
 
 def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -49,6 +54,14 @@ def clean_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+def _child_setup(umask: int) -> Callable[[], None]:
+    def setup() -> None:
+        os.umask(umask)
+        _die_with_parent()
+
+    return setup
 
 
 def _die_with_parent() -> None:
@@ -103,10 +116,15 @@ def run(
     capture: bool = False,
     check: bool = True,
     timeout: float | None = None,
+    umask: int = 0o022,
 ) -> subprocess.CompletedProcess[str]:
-    """Run argv to completion; returns stdout when capture is set."""
+    """Run argv to completion; returns stdout when capture is set.
+
+    umask 0o077 makes what the command creates private to the store's owner (config
+    disks, overlays); the default leaves image content as packages and setup.sh mean it.
+    """
     args = [str(a) for a in argv]
-    log.info("$ %s", shlex.join(args))
+    log.info("$ %s", shown(args))
     stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
     stdout_lines: list[str] = []
 
@@ -114,13 +132,13 @@ def run(
         if capture:
             stdout_lines.append(line)
         else:
-            log.debug("%s", line)
+            log.debug("%s", redact(line))
         if on_line:
             on_line(line)
 
     def on_stderr(line: str) -> None:
         stderr_tail.append(line)
-        log.debug("%s", line)
+        log.debug("%s", redact(line))
         if on_line:
             on_line(line)
 
@@ -132,7 +150,7 @@ def run(
             stderr=subprocess.PIPE,
             cwd=cwd,
             env=dict(env) if env is not None else clean_environment(),
-            preexec_fn=_die_with_parent,
+            preexec_fn=_child_setup(umask),
         )
     except FileNotFoundError as exc:
         raise _missing(args[0]) from exc
@@ -170,7 +188,7 @@ def _start_logged(
     """Start argv with its output appended to log_path: attached, it dies with rockpool;
     detached, it runs in a session of its own and outlives it."""
     args = [str(a) for a in argv]
-    log.info("$ %s %s", shlex.join(args), "(while watched)" if attached else "&")
+    log.info("$ %s %s", shown(args), "(while watched)" if attached else "&")
     try:
         with open(log_path, "ab") as output:
             return subprocess.Popen(
@@ -180,7 +198,7 @@ def _start_logged(
                 stderr=subprocess.STDOUT,
                 env=dict(env) if env is not None else clean_environment(),
                 start_new_session=not attached,
-                preexec_fn=_die_with_parent if attached else None,
+                preexec_fn=_child_setup(0o077) if attached else lambda: os.umask(0o077),
             )
     except FileNotFoundError as exc:
         raise _missing(args[0]) from exc

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
+
+# scheme://user:password@host: the userinfo of a proxy or registry URL is a secret.
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """text with the user:password@ of every URL in it masked, for logs and errors."""
+    return _URL_USERINFO.sub(r"\1***@", text)
 
 
 class ExitCode(IntEnum):
@@ -68,10 +77,11 @@ class CommandFailed(RockpoolError):
     exit_code = ExitCode.COMMAND_FAILED
 
     def __init__(self, argv: list[str], returncode: int, stderr_tail: str, log_hint: str = ""):
-        shown = " ".join(argv[:6]) + (" ..." if len(argv) > 6 else "")
+        shown = redact(" ".join(argv[:6]) + (" ..." if len(argv) > 6 else ""))
         message = f"command failed with exit status {returncode}: {shown}"
         if stderr_tail.strip():
-            indented = "\n".join("    " + line for line in stderr_tail.rstrip().splitlines())
+            lines = redact(stderr_tail).rstrip().splitlines()
+            indented = "\n".join("    " + line for line in lines)
             message += f"\n  last output:\n{indented}"
         super().__init__(message, hint=log_hint or None)
         self.argv = argv

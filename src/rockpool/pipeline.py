@@ -40,7 +40,14 @@ from rockpool.progress import Reporter
 from rockpool.provision import provision, setup_variables
 from rockpool.rootfs import LISTING, restore, snapshot
 from rockpool.spec import ImageSpec, spec_digest
-from rockpool.store import Store, Version, is_plain_file_name, sha256_file
+from rockpool.store import (
+    Store,
+    Version,
+    copy_private,
+    is_plain_file_name,
+    open_private,
+    sha256_file,
+)
 from rockpool.verify import verify_boot
 
 log = logging.getLogger("rockpool.pipeline")
@@ -274,7 +281,7 @@ def land(ctx: BuildContext, started: float) -> Version:
     version_id = hashlib.sha256(
         "".join(f"{n}:{o['sha256']}" for n, o in sorted(outputs.items())).encode()
     ).hexdigest()[:12]
-    shutil.copyfile(ctx.log_path, ctx.outputs_dir / "build.log")
+    copy_private(ctx.log_path, ctx.outputs_dir / "build.log")
     if ctx.listing.is_file():
         shutil.copyfile(ctx.listing, ctx.outputs_dir / LISTING)
     manifest = {
@@ -444,12 +451,14 @@ class BuildLog(logging.FileHandler):
 
 
 def _open_log(store: Store, name: str) -> tuple[Path, logging.Handler]:
+    store.ensure_root()
     logs = store.root / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(exist_ok=True)
     for old in sorted(logs.glob("*.log"))[:-LOGS_KEPT]:
         old.unlink(missing_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = logs / f"{stamp}-{name}-{os.getpid()}.log"
+    open_private(path, "a").close()  # 0600 before the first line: logs hold command lines
     handler = BuildLog(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
     handler.setLevel(logging.DEBUG)

@@ -11,18 +11,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 from pathlib import Path
 from typing import Any
 
-from rockpool.command import CLEAN_PATH, PROXY_VARIABLES, clean_environment, contained, run
+from rockpool.command import CLEAN_PATH, PROXY_VARIABLES, contained, run
 from rockpool.context import BuildContext
 from rockpool.errors import InvalidInput
 from rockpool.lock import mismatches
 from rockpool.spec import ImageSpec
 
 BUILD_RUN = "/run/rockpool-build"
-# Runs on the host, inside the private namespaces, with the root as $1.
+# Runs on the host, inside the private namespaces, with the root as $1. setup.sh's
+# environment (registry proxies, whose URLs may carry credentials) is this runner's own:
+# never an argument, so never in a log or in another user's `ps`.
 CHROOT_RUNNER = r"""
 set -euo pipefail
 root=$1 setup=$2 ca=$3
@@ -36,7 +37,7 @@ install -m 0755 "$setup" "$root$BUILD_RUN/setup.sh"
 # DNS for the build only; setup.sh points resolv.conf at systemd-resolved for the image.
 rm -f "$root/etc/resolv.conf"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
-chroot "$root" /usr/bin/env -i "${CHROOT_ENV[@]}" /bin/bash "$BUILD_RUN/setup.sh"
+chroot "$root" /bin/bash "$BUILD_RUN/setup.sh"
 chroot "$root" /usr/bin/env -i "PATH=$CHROOT_PATH" /usr/local/sbin/rockpool-seal
 """
 
@@ -84,13 +85,9 @@ def setup_environment(ctx: BuildContext) -> dict[str, str]:
     return env
 
 
-def provision(ctx: BuildContext) -> None:
-    chroot_env = " ".join(shlex.quote(f"{k}={v}") for k, v in setup_environment(ctx).items())
-    runner = (
-        f"BUILD_RUN={BUILD_RUN}\nCHROOT_PATH={CLEAN_PATH}\nCHROOT_ENV=({chroot_env})\n"
-        + CHROOT_RUNNER
-    )
-    argv: list[str | Path] = [
+def provision_argv(ctx: BuildContext) -> list[str | Path]:
+    runner = f"BUILD_RUN={BUILD_RUN}\nCHROOT_PATH={CLEAN_PATH}\n" + CHROOT_RUNNER
+    return [
         "bash",
         "-c",
         runner,
@@ -99,7 +96,10 @@ def provision(ctx: BuildContext) -> None:
         ctx.spec.setup_script,
         str(ctx.ca_bundle or ""),
     ]
-    run(contained(argv), env=clean_environment(), on_line=ctx.reporter.status)
+
+
+def provision(ctx: BuildContext) -> None:
+    run(contained(provision_argv(ctx)), env=setup_environment(ctx), on_line=ctx.reporter.status)
     ctx.facts["packages"] = installed_versions(ctx.root)
     if ctx.lock is not None:
         differences = mismatches(ctx.lock, ctx.facts["packages"])

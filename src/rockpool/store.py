@@ -7,6 +7,10 @@ Layout under the store root ($ROCKPOOL_HOME, else $XDG_DATA_HOME/rockpool):
     staging/ID/ + staging/ID.lock        builds in progress; a lock not held is stale
     .lock                                the store's lock (Store.locked)
 
+The root is 0700, made so when it is made, and what holds a workspace's secrets
+(records, keys, config disks, logs) is created 0600: nothing in a store is readable by
+another local user (docs/security.md).
+
 One lock discipline: what adds a reference to a version or a layer (a workspace create
 or clone, a build's landing) holds the store's lock shared; what deletes them (image rm,
 image gc, removing unused layers, cache prune) holds it exclusive, and sees only whole
@@ -30,7 +34,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rockpool.errors import Conflict, Damaged, InvalidInput, NotFound
 from rockpool.names import check_slug, is_slug, is_version_id, split_image_ref
@@ -153,9 +157,51 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+PRIVATE_FILE = 0o600
+PRIVATE_DIRECTORY = 0o700
+
+
+def open_private(path: Path, mode: str = "w") -> IO[Any]:
+    """Open path for writing ("w", "a", "wb", "ab"), creating it 0600: readable by the
+    store's owner alone from its first byte."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+    flags |= os.O_APPEND if "a" in mode else os.O_TRUNC
+    fd = os.open(path, flags, PRIVATE_FILE)
+    return os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
+
+
+def write_private(path: Path, text: str) -> None:
+    """path's content replaced by text, atomically, in a 0600 file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open_private(tmp) as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def copy_private(source: Path, target: Path) -> None:
+    with open(source, "rb") as src, open_private(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+
+
+def private_directory(path: Path) -> Path:
+    """mkdir -p path, the last component 0700. A directory left looser by an older
+    rockpool is tightened, for what is below it may be secret."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=PRIVATE_DIRECTORY)
+    info = path.stat()
+    if info.st_mode & 0o077 and info.st_uid == os.geteuid():
+        log.warning("%s was readable by others; making it private (0700)", path)
+        path.chmod(PRIVATE_DIRECTORY)
+    return path
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with open_private(tmp) as handle:
         json.dump(data, handle, indent=2, sort_keys=True)
         handle.write("\n")
         handle.flush()
@@ -211,7 +257,7 @@ class Store:
             finally:
                 _HELD.locks[key] = held
             return
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.ensure_root()
         with open(self.root / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             _HELD.locks[key] = (mode, 1)
@@ -228,7 +274,12 @@ class Store:
     def default(cls) -> Store:
         return cls(default_root())
 
+    def ensure_root(self) -> Path:
+        """The store's root, made 0700 (docs/security.md)."""
+        return private_directory(self.root)
+
     def _ensure(self) -> None:
+        self.ensure_root()
         for directory in (self.images_dir, self.staging_dir):
             directory.mkdir(parents=True, exist_ok=True)
 

@@ -9,6 +9,7 @@ first, so that stage, and not a cached copy of its result, is what runs.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import pytest
 
 from rockpool.store import Store
 from tests.e2e.conftest import REPO, rockpool_env, run_rockpool
+from tests.e2e.proxy import authenticated_proxy
 
 pytestmark = pytest.mark.vm
 SMALL_SPEC = REPO / "tests" / "specs" / "small.toml"
@@ -301,3 +303,62 @@ def test_a_full_disk_fails_clearly_and_leaves_the_store_whole(
     result = run_rockpool(store, "image", "build", str(SMALL_SPEC), "--no-verify", timeout=DEADLINE)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_clean(store, versions(store))
+
+
+# ---- secrets: proxy credentials ---------------------------------------------------------
+
+
+def _argvs_holding(secret: bytes) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if secret in cmdline:
+                found.append(f"{entry.name}: {cmdline[:200]!r}")
+    return found
+
+
+def _files_holding(root: Path, needles: list[bytes]) -> list[str]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            found += [f"{path}" for needle in needles if needle in data]
+    return found
+
+
+def test_proxy_credentials_reach_the_proxy_and_no_argv_log_or_file(
+    home: Path, variant: Path
+) -> None:
+    secret = f"s3cret-{os.getpid()}"
+    prune(home, "bootstrap", "provision", "disk", "formats")
+    with authenticated_proxy("builder", secret) as (port, proxy):
+        url = f"http://builder:{secret}@127.0.0.1:{port}"
+        env = {**rockpool_env(home), "http_proxy": url, "https_proxy": url, "no_proxy": ""}
+        build = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "rockpool", "image", "build", str(variant)),
+                *("--until", "provision", "--json"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        # Everything in /proc, every 50 ms, while the bootstrap and setup.sh fetch through it.
+        seen: list[str] = []
+        while build.poll() is None:
+            seen += [a for a in _argvs_holding(secret.encode()) if str(build.pid) not in a]
+            time.sleep(0.05)  # the scan's interval, not a wait for anything
+        out, err = build.communicate()
+    assert build.returncode == 0, err.decode(errors="replace")[-3000:]
+    assert seen == []
+    assert proxy.allowed > 0 and proxy.refused == 0  # the build went through it, with them
+    assert "deb.debian.org" in proxy.hosts
+    encoded = base64.b64encode(f"builder:{secret}".encode())
+    assert secret.encode() not in out + err
+    log = Path(json.loads(out)["log"])
+    assert log.is_relative_to(home) and log.stat().st_size > 0  # searched below, with the rest
+    assert _files_holding(home, [secret.encode(), encoded]) == []

@@ -28,9 +28,8 @@ from rockpool.lock import (
     write_lock,
 )
 from rockpool.preflight import check_lock
-from rockpool.progress import Reporter
 from rockpool.spec import ImageSpec, load_spec
-from rockpool.store import Store
+from tests.contexts import quiet_context
 
 REPO = Path(__file__).resolve().parents[2]
 INTEGRITY = "sha512-" + base64.b64encode(hashlib.sha512(b"node").digest()).decode()
@@ -176,15 +175,7 @@ def lock_context(tmp_path: Path, packages: dict[str, str]) -> tuple[BuildContext
         + f'[node]\nregistry = "file://{tmp_path}/mirror/registry"\n'
     )
     spec = load_spec(spec_path)
-    ctx = BuildContext(
-        spec=spec,
-        store=Store(tmp_path / "store"),
-        work=tmp_path,
-        reporter=Reporter(interactive=False, quiet=True),
-        input_digest="0" * 64,
-        source_date_epoch=0,
-        log_path=tmp_path / "build.log",
-    )
+    ctx = quiet_context(spec, tmp_path)
     return ctx, sample_lock(spec)
 
 

@@ -15,7 +15,6 @@ import hcl2
 import pytest
 
 from rockpool import packer
-from rockpool.context import BuildContext
 from rockpool.errors import CommandFailed, InvalidInput, MissingTool, SpecError
 from rockpool.formats.tart_oci import TART_NVRAM_TYPE, read_manifest
 from rockpool.packer import hcl_string, render_template, require_packer_host
@@ -23,6 +22,7 @@ from rockpool.progress import Reporter
 from rockpool.provision import installed_versions, setup_environment
 from rockpool.spec import ImageSpec, load_spec
 from rockpool.store import Store
+from tests.contexts import quiet_context
 
 REPO = Path(__file__).resolve().parents[2]
 ARM64_SPEC = REPO / "images" / "workspace-arm64.toml"
@@ -68,15 +68,7 @@ def template_env(template: dict[str, Any]) -> dict[str, str]:
 
 
 def mmdebstrap_setup_env(spec: ImageSpec, tmp_path: Path) -> dict[str, str]:
-    ctx = BuildContext(
-        spec=spec,
-        store=Store(tmp_path / "store"),
-        work=tmp_path,
-        reporter=Reporter(interactive=False, quiet=True),
-        input_digest="0" * 64,
-        source_date_epoch=0,
-        log_path=tmp_path / "build.log",
-    )
+    ctx = quiet_context(spec, tmp_path)
     return {k: v for k, v in setup_environment(ctx).items() if k.startswith("SETUP_")}
 
 
