@@ -27,8 +27,9 @@ from rockpool.errors import (
     Terminated,
 )
 from rockpool.files import NotRegularFile, TooLarge, read_regular
+from rockpool.keys import KEYS_LIMIT, check_authorized_keys
 from rockpool.progress import Reporter
-from rockpool.runtime.base import Runtime, Workspace
+from rockpool.runtime.base import PortForward, Runtime, Workspace
 from rockpool.runtime.qemu_runtime import QemuRuntime
 from rockpool.spec import DEFAULT_SPEC, default_spec_path, load_spec
 from rockpool.store import Store, Version
@@ -272,9 +273,6 @@ def _workspace_line(workspace: Workspace) -> str:
     return f"{workspace.name:<24} {workspace.state.value:<8} {workspace.image}{where}"
 
 
-KEYS_LIMIT = 64 << 10  # many keys fit; a mistaken file (an image, /dev/zero) does not
-
-
 def _read_keys(path: str | None) -> str | None:
     if not path:
         return None
@@ -283,15 +281,19 @@ def _read_keys(path: str | None) -> str | None:
     except NotRegularFile:
         raise InvalidInput(f"--authorized-keys {path} is not a regular file") from None
     except TooLarge:
-        raise InvalidInput(f"--authorized-keys {path} is over {KEYS_LIMIT >> 10} KiB") from None
+        raise InvalidInput(
+            f"--authorized-keys {path} is over {KEYS_LIMIT >> 10} KiB",
+            hint="give public keys only, one per line",
+        ) from None
     except OSError as exc:
         raise InvalidInput(f"cannot read --authorized-keys {path}: {exc.strerror}") from None
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidInput(
             f"--authorized-keys {path} is not text: give public keys, one per line"
         ) from None
+    return check_authorized_keys(text, f"--authorized-keys {path}")
 
 
 def cmd_workspace(args: argparse.Namespace, reporter: Reporter) -> int:
@@ -314,10 +316,9 @@ def cmd_workspace(args: argparse.Namespace, reporter: Reporter) -> int:
     if verb == "create":
         workspace = runtime.create(args.name, args.image or DEFAULT_IMAGES[runtime.name])
     elif verb == "start":
+        env, keys = _parse_env(args.env), _read_keys(args.authorized_keys)  # checked first
         with reporter.stage(f"starting {args.name}"):
-            workspace = runtime.start(
-                args.name, _parse_env(args.env), _read_keys(args.authorized_keys)
-            )
+            workspace = runtime.start(args.name, env, keys)
     elif verb == "stop":
         with reporter.stage(f"stopping {args.name}"):
             workspace = runtime.stop(args.name, timeout=args.timeout)
@@ -326,6 +327,29 @@ def cmd_workspace(args: argparse.Namespace, reporter: Reporter) -> int:
     else:
         workspace = runtime.status(args.name)
     _emit(args, workspace.to_json(), _workspace_line(workspace))
+    return 0
+
+
+def _port_line(port: PortForward) -> str:
+    where = f"{port.host}:{port.host_port}" if port.host_port else "(when it runs)"
+    return f"{port.guest_port:<8} {where}"
+
+
+def cmd_workspace_port(args: argparse.Namespace, reporter: Reporter) -> int:
+    runtime = _runtime(args.runtime)
+    if args.command == "add":
+        port = runtime.add_port(args.name, args.guest_port)
+        _emit(args, port.to_json(), _port_line(port))
+    elif args.command == "rm":
+        runtime.remove_port(args.name, args.guest_port)
+        _emit(args, {"removed": args.guest_port}, f"removed port {args.guest_port}")
+    else:
+        ports = runtime.ports(args.name)
+        _emit(
+            args,
+            [p.to_json() for p in ports],
+            "\n".join(_port_line(p) for p in ports) or "no ports",
+        )
     return 0
 
 
@@ -417,6 +441,12 @@ def cmd_host_check(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 # ---- parser -----------------------------------------------------------------------------
+
+
+def _guest_port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, not '{text}'")
+    return int(text)
 
 
 def _seconds(text: str) -> float:
@@ -598,7 +628,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = spaces.add_parser("rm", parents=[json_flag], help="remove a workspace and its disk")
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="kill it first if it is running")
-    for verb_parser in spaces.choices.values():
+    port_verbs = spaces.add_parser(
+        "port", help="dynamic ports: forwards to apps in a workspace"
+    ).add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for verb, text in (("add", "forward a guest port"), ("rm", "remove a forward")):
+        p = port_verbs.add_parser(verb, parents=[json_flag], help=text)
+        p.add_argument("name")
+        p.add_argument("guest_port", type=_guest_port, metavar="GUEST_PORT")
+    p = port_verbs.add_parser("ls", parents=[json_flag], help="list a workspace's ports")
+    p.add_argument("name")
+    for verb_parser in port_verbs.choices.values():
+        verb_parser.add_argument("--runtime", choices=RUNTIMES, help="qemu or tart")
+        verb_parser.set_defaults(handler=cmd_workspace_port)
+    for verb, verb_parser in spaces.choices.items():
+        if verb == "port":
+            continue
         verb_parser.add_argument(
             "--runtime",
             choices=RUNTIMES,

@@ -27,6 +27,8 @@ PACKAGES: dict[str, str] = {
     "mcopy": "mtools",
     "mmd": "mtools",
     "mmdebstrap": "mmdebstrap",
+    "nft": "nftables",  # the filter around workspaces (runtime/network.py)
+    "useradd": "passwd",  # makes the user QEMU runs workspaces as
     "mount": "mount",  # mmdebstrap's root mode mounts /proc, /sys and /dev with it
     "qemu-img": "qemu-utils",
     "qemu-system-x86_64": "qemu-system-x86",
@@ -46,6 +48,7 @@ PACKAGES: dict[str, str] = {
     "dpkg": "dpkg",
     "e2fsck": "e2fsprogs",
     "echo": "coreutils",
+    "ip": "iproute2",  # the isolation test's stand-in internet, in a network namespace
     "env": "coreutils",
     "kill": "procps",
     "losetup": "mount",
@@ -53,6 +56,7 @@ PACKAGES: dict[str, str] = {
     "mdir": "mtools",
     "mtype": "mtools",
     "qemu-io": "qemu-utils",
+    "setpriv": "util-linux",  # runs the isolation test's checks as an unprivileged user
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
     "umount": "mount",
@@ -73,6 +77,7 @@ DATA_PACKAGES = ("ca-certificates", *FIRMWARE_PACKAGES.values())
 MACOS_PROGRAMS = {
     "packer": "brew install hashicorp/tap/packer",
     "tart": "brew install cirruslabs/cli/tart",
+    "softnet": "brew install cirruslabs/cli/softnet",  # Tart's isolated network
 }
 
 # What each job runs. A build also runs what its formats need (FORMAT_PROGRAMS) and,
@@ -109,7 +114,7 @@ FORMAT_PROGRAMS: dict[str, tuple[str, ...]] = {
 }
 QEMU_SYSTEM = {"amd64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
 CONFIG_DISK = ("mkfs.vfat", "mcopy")
-WORKSPACES = ("qemu-img", *CONFIG_DISK)
+WORKSPACES = ("qemu-img", *CONFIG_DISK, "nft", "useradd")
 PUSH = ("skopeo",)
 HOST_SETUP = ("apt-get", "mount", "update-binfmts")
 TESTS = (
@@ -121,12 +126,14 @@ TESTS = (
     "e2fsck",
     "echo",
     "env",
+    "ip",
     "kill",
     "losetup",
     "lz4",
     "mdir",
     "mtype",
     "qemu-io",
+    "setpriv",
     "ssh",
     "ssh-keygen",
     "umount",

@@ -17,7 +17,9 @@ from typing import Any
 
 from rockpool.carrier import validate_env, write_carrier
 from rockpool.errors import Damaged, InvalidInput, NotFound
+from rockpool.keys import check_authorized_keys
 from rockpool.names import check_slug, is_instance_id, is_slug, is_version_id
+from rockpool.store import write_private
 
 RECORD = "workspace.json"
 CONFIG_DISK = "config.img"
@@ -35,15 +37,35 @@ class State(StrEnum):
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where the worker reaches a running workspace: code-server, and SSH."""
+    """Where the worker reaches a running workspace: code-server, SSH and the dynamic
+    ports (guest port -> host port), all TCP on host. network "isolated": only the
+    clients (root, the store's owner, Caddy, ROCKPOOL_CLIENTS) may connect; "open": any
+    local user may (docs/security.md)."""
 
     host: str
     port: int
     ssh_port: int | None = None
+    ports: dict[int, int] = field(default_factory=dict)
+    network: str = "open"
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/"
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """A dynamic port: guest_port inside the workspace, reached at host:host_port while
+    it runs (host_port None while it is stopped)."""
+
+    guest_port: int
+    host: str | None = None
+    host_port: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["url"] = f"http://{self.host}:{self.host_port}/" if self.host_port else None
+        return data
 
 
 @dataclass(frozen=True)
@@ -104,6 +126,24 @@ class Runtime(ABC):
 
     @abstractmethod
     def list(self) -> builtins.list[Workspace]: ...
+
+    # Dynamic ports: an app in the guest listens on a port, the worker registers it and
+    # routes Caddy to its forward. Kept across stop and start.
+    def ports(self, name: str) -> builtins.list[PortForward]:
+        raise self._no_ports()
+
+    def add_port(self, name: str, guest_port: int) -> PortForward:
+        raise self._no_ports()
+
+    def remove_port(self, name: str, guest_port: int) -> None:
+        raise self._no_ports()
+
+    def _no_ports(self) -> InvalidInput:
+        return InvalidInput(
+            f"the {self.name} runtime forwards no ports: the host reaches its guests' "
+            "addresses directly",
+            hint="dial the address of `rockpool workspace status NAME --json` on the app's port",
+        )
 
 
 # ---- shared by the runtimes -------------------------------------------------------------
@@ -249,7 +289,14 @@ def write_config_disk(
     variables.update({"ROCKPOOL_WORKSPACE_NAME": name, "ROCKPOOL_INSTANCE_ID": instance_id})
     validate_env(variables)
     keys_file = directory / AUTHORIZED_KEYS
-    if authorized_keys is not None:
-        keys_file.write_text(authorized_keys)
-    keys = keys_file.read_text() if keys_file.is_file() else None
-    return write_carrier(directory / CONFIG_DISK, variables, keys)
+    # Checked before anything is written: a private key is never stored.
+    given_keys = (
+        check_authorized_keys(authorized_keys, "authorized_keys")
+        if authorized_keys is not None
+        else None
+    )
+    keys = given_keys or (keys_file.read_text() if keys_file.is_file() else None)
+    carrier = write_carrier(directory / CONFIG_DISK, variables, keys)
+    if given_keys is not None:
+        write_private(keys_file, given_keys)
+    return carrier

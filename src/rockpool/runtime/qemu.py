@@ -13,18 +13,19 @@ import itertools
 import logging
 import os
 import random
-import shutil
 import signal
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rockpool import host, tools
 from rockpool.command import background, run
 from rockpool.errors import CommandFailed, Conflict, MissingTool, RockpoolError
-from rockpool.runtime import kvm, qmp
+from rockpool.runtime import kvm, network, qmp
 from rockpool.runtime.kvm import MACHINE, Firmware
+from rockpool.store import copy_private
 
 log = logging.getLogger("rockpool.qemu")
 
@@ -82,6 +83,8 @@ class VMConfig:
     forwards: dict[int, int] = field(default_factory=dict)  # guest port -> host port
     # The QMP socket: a short path (108 bytes at most); default run_dir/qmp.sock.
     qmp_socket: Path | None = None
+    # The user QEMU drops root for once it is set up (network.py), or None to stay.
+    run_as: str | None = None
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ class QemuVM(QemuProcess):
         firmware = find_firmware(c.arch)
         nvram = c.run_dir / "nvram.fd"
         if not nvram.exists():
-            shutil.copyfile(firmware.vars_template, nvram)  # a fresh NVRAM, as Tart/Incus
+            copy_private(firmware.vars_template, nvram)  # a fresh NVRAM, as Tart/Incus
         forwards = ",".join(
             f"hostfwd=tcp:127.0.0.1:{hport}-:{gport}" for gport, hport in sorted(c.forwards.items())
         )
@@ -234,6 +237,8 @@ class QemuVM(QemuProcess):
             "-mon",
             "chardev=qmp,mode=control",
         ]
+        if c.run_as is not None:
+            argv += network.runas_args(tools.QEMU_SYSTEM[c.arch], c.run_as)
         if c.carrier is not None:
             argv += [
                 "-drive",
@@ -275,7 +280,7 @@ class QemuVM(QemuProcess):
         argv = [*self.argv(verdict), "-pidfile", str(self.pidfile)]
         if self._attach is None:
             # -daemonize returns once QEMU is set up, with its errors on our stderr.
-            run([*argv, "-daemonize"], timeout=120)
+            run([*argv, "-daemonize"], timeout=120, umask=0o077)
             return
         output = self.run_dir / "qemu.log"
         proc = self._attach.enter_context(background(argv, log_path=output))
@@ -345,6 +350,19 @@ class QemuVM(QemuProcess):
     def qmp(self, command: str) -> None:
         qmp.execute(self.qmp_socket, command)
 
+    def monitor(self, command_line: str) -> None:
+        """A human-monitor command (hostfwd_add has no QMP form); its output is its error."""
+        arguments: dict[str, Any] = {"command-line": command_line}
+        try:
+            output = qmp.execute(self.qmp_socket, "human-monitor-command", **arguments)
+        except qmp.QmpUnavailable as exc:
+            raise Conflict(
+                f"{self.config.name}'s QEMU does not answer: {exc}",
+                hint=f"see its state: rockpool workspace status {self.config.name}",
+            ) from None
+        if str(output or "").strip():
+            raise CommandFailed(["(qemu monitor)", command_line], 1, str(output))
+
     def stop(self, timeout: float = 90.0) -> bool:
         """ACPI power-down, then a hard stop after timeout. True if the guest shut down.
 
@@ -395,4 +413,4 @@ def create_overlay(base: Path, base_format: str, overlay: Path, size: int | None
     ]
     if size is not None:
         argv.append(str(size))
-    run(argv)
+    run(argv, umask=0o077)

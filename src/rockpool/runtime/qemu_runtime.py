@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.command import run
-from rockpool.errors import CommandFailed, Conflict, Damaged, InvalidInput
+from rockpool.errors import CommandFailed, Conflict, Damaged, InvalidInput, NotFound
 from rockpool.names import check_slug, is_mac
+from rockpool.runtime import network
 from rockpool.runtime.base import (
     RECORD,
     Endpoint,
+    PortForward,
     Runtime,
     State,
     Workspace,
@@ -53,17 +55,33 @@ from rockpool.runtime.qemu import (
     VMConfig,
     VMState,
     create_overlay,
-    free_port,
     random_mac,
 )
 from rockpool.runtime.rundir import run_directory
-from rockpool.store import Store, write_json_atomic
+from rockpool.store import Store, copy_private, write_json_atomic
 
 log = logging.getLogger("rockpool.workspaces")
 MIB = 1 << 20
 DISK = "disk.qcow2"
 NEW_TOP = "disk.qcow2.new"  # a clone's next top layer for the source, until it switches
 GUEST_PORTS = ("8080", "22")
+DYNAMIC_PORTS_LIMIT = 64
+START_ATTEMPTS = 3  # a forward's port taken between the pick and QEMU's bind: pick again
+
+
+def _is_guest_port(port: object) -> bool:
+    return isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535
+
+
+def check_guest_port(port: int) -> int:
+    if not _is_guest_port(port):
+        raise InvalidInput(f"a guest port is a number from 1 to 65535, not {port!r}")
+    if str(port) in GUEST_PORTS:
+        raise Conflict(
+            f"guest port {port} is forwarded already: it is the workspace's "
+            + ("code-server" if port == 8080 else "SSH")
+        )
+    return port
 
 
 def check_timeout(timeout: float) -> float:
@@ -117,12 +135,22 @@ class QemuRuntime(Runtime):
                 return f"{key} {value!r} is not a number from {low} to {high}"
         if not is_mac(record.get("mac")):
             return f"mac {record.get('mac')!r} is no MAC address"
+        ports = record.get("ports", [])
+        if not (
+            isinstance(ports, list)
+            and len(ports) <= DYNAMIC_PORTS_LIMIT
+            and all(_is_guest_port(port) and str(port) not in GUEST_PORTS for port in ports)
+        ):
+            return f"ports {ports!r} are not guest ports"
         forwards = record.get("forwards", {})
+        guest_ports = {*GUEST_PORTS, *(str(port) for port in ports)}
         if not isinstance(forwards, dict) or not all(
-            key in GUEST_PORTS and isinstance(port, int) and 1024 <= port <= 65535
+            key in guest_ports and isinstance(port, int) and 1024 <= port <= 65535
             for key, port in forwards.items()
         ):
-            return f"forwards {forwards!r} are not host ports of guest ports 8080 and 22"
+            return f"forwards {forwards!r} are not host ports of the workspace's guest ports"
+        if record.get("network", "open") not in ("open", "isolated"):
+            return f"network {record.get('network')!r} is neither isolated nor open"
         return None
 
     def _record(self, name: str) -> dict[str, Any]:
@@ -142,7 +170,9 @@ class QemuRuntime(Runtime):
     def _process(self, name: str) -> QemuProcess:
         return QemuProcess(self._dir(name), self._socket(name))
 
-    def _vm(self, name: str, record: dict[str, Any]) -> QemuVM:
+    def _vm(
+        self, name: str, record: dict[str, Any], isolation: network.Isolation | None = None
+    ) -> QemuVM:
         directory = self._dir(name)
         forwards = {int(k): v for k, v in record.get("forwards", {}).items()}
         return QemuVM(
@@ -158,6 +188,7 @@ class QemuRuntime(Runtime):
                 mac=record["mac"],
                 forwards=forwards,
                 qmp_socket=self._socket(name),
+                run_as=isolation.user if isolation else None,
             )
         )
 
@@ -166,7 +197,13 @@ class QemuRuntime(Runtime):
         endpoint = None
         forwards = record.get("forwards", {})
         if state is State.RUNNING and "8080" in forwards:
-            endpoint = Endpoint("127.0.0.1", forwards["8080"], forwards.get("22"))
+            endpoint = Endpoint(
+                "127.0.0.1",
+                forwards["8080"],
+                forwards.get("22"),
+                ports={int(k): v for k, v in forwards.items() if k not in GUEST_PORTS},
+                network=record.get("network", "open"),
+            )
         process = self._process(name)
         return Workspace(
             name=name,
@@ -190,7 +227,8 @@ class QemuRuntime(Runtime):
     def _new_directory(self, name: str) -> Iterator[Path]:
         """Build a workspace aside and rename it into place: all or nothing, and of two
         concurrent creates of one name exactly one wins."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.store.ensure_root()
+        self.root.mkdir(exist_ok=True)
         staging = self.root / f".new-{name}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         try:
@@ -251,14 +289,45 @@ class QemuRuntime(Runtime):
             if current.state == "failed":
                 log.info("workspace %s had failed (%s); starting it again", name, current.reason)
                 vm.kill()
+            isolation = network.isolate()
+            record["network"] = "isolated" if isolation else "open"
             write_config_disk(directory, name, record["instance_id"], env, authorized_keys)
-            record["forwards"] = {port: free_port() for port in GUEST_PORTS}
+            vm = self._launch(name, directory, record, isolation)
+            return self._workspace(name, record, vm.state())
+
+    def _launch(
+        self,
+        name: str,
+        directory: Path,
+        record: dict[str, Any],
+        isolation: network.Isolation | None,
+    ) -> QemuVM:
+        """Start QEMU with a forward for each guest port; a port another process took
+        between the pick and QEMU's bind is picked again."""
+        guest_ports = [*GUEST_PORTS, *(str(port) for port in record.get("ports", []))]
+        previous = record.get("forwards", {})
+        refused: set[int] = set()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            forwards: dict[str, int] = {}
+            for guest in guest_ports:
+                taken = refused | set(forwards.values())
+                forwards[guest] = network.pick_port(taken, previous.get(guest))
+            record["forwards"] = forwards
             write_json_atomic(directory / RECORD, record)
-            vm = self._vm(name, record)
-            verdict = vm.start()
+            vm = self._vm(name, record, isolation)
+            try:
+                verdict = vm.start()
+            except CommandFailed as exc:
+                if "host forwarding" not in exc.stderr_tail or attempt == START_ATTEMPTS:
+                    raise
+                log.info("a forward's port of %s was taken; picking ports again", name)
+                refused |= set(forwards.values())
+                previous = {}
+                continue
             record["accelerator"] = {"name": verdict.accelerator, "reason": verdict.reason}
             write_json_atomic(directory / RECORD, record)
-            return self._workspace(name, record, vm.state())
+            return vm
+        raise AssertionError("unreachable")
 
     def stop(self, name: str, timeout: float = 90.0) -> Workspace:
         check_timeout(timeout)
@@ -269,6 +338,58 @@ class QemuRuntime(Runtime):
                 graceful = vm.stop(timeout)
                 log.info("stopped %s (%s)", name, "ACPI power-off" if graceful else "killed")
             return self._workspace(name, record, vm.state())
+
+    # ---- dynamic ports ------------------------------------------------------------------
+
+    def _port_forwards(self, record: dict[str, Any], running: bool) -> builtins.list[PortForward]:
+        forwards = record.get("forwards", {}) if running else {}
+        return [
+            PortForward(port, "127.0.0.1" if running else None, forwards.get(str(port)))
+            for port in sorted(record.get("ports", []))
+        ]
+
+    def ports(self, name: str) -> builtins.list[PortForward]:
+        record = self._record(name)
+        return self._port_forwards(record, self._vm(name, record).alive())
+
+    def add_port(self, name: str, guest_port: int) -> PortForward:
+        guest_port = check_guest_port(guest_port)
+        with self._locked(name) as directory:
+            record = self._record(name)
+            ports = record.setdefault("ports", [])
+            if guest_port not in ports:
+                if len(ports) >= DYNAMIC_PORTS_LIMIT:
+                    raise Conflict(
+                        f"workspace '{name}' has {DYNAMIC_PORTS_LIMIT} ports already",
+                        hint=f"remove one first: rockpool workspace port rm {name} PORT",
+                    )
+                ports.append(guest_port)
+            vm = self._vm(name, record)
+            forwards = record.setdefault("forwards", {})
+            if vm.alive() and str(guest_port) not in forwards:
+                host_port = network.pick_port(forwards.values())
+                vm.monitor(f"hostfwd_add net0 tcp:127.0.0.1:{host_port}-:{guest_port}")
+                forwards[str(guest_port)] = host_port
+            write_json_atomic(directory / RECORD, record)
+            return next(
+                p for p in self._port_forwards(record, vm.alive()) if p.guest_port == guest_port
+            )
+
+    def remove_port(self, name: str, guest_port: int) -> None:
+        guest_port = check_guest_port(guest_port)
+        with self._locked(name) as directory:
+            record = self._record(name)
+            if guest_port not in record.get("ports", []):
+                raise NotFound(
+                    f"workspace '{name}' has no port {guest_port}",
+                    hint=f"list them with: rockpool workspace port ls {name}",
+                )
+            vm = self._vm(name, record)
+            host_port = record.get("forwards", {}).pop(str(guest_port), None)
+            if host_port is not None and vm.alive():
+                vm.monitor(f"hostfwd_remove net0 tcp:127.0.0.1:{host_port}")
+            record["ports"].remove(guest_port)
+            write_json_atomic(directory / RECORD, record)
 
     def status(self, name: str) -> Workspace:
         record = self._record(name)
@@ -318,7 +439,7 @@ class QemuRuntime(Runtime):
                 create_overlay(layer, "qcow2", directory / DISK)
                 write_json_atomic(directory / RECORD, clone_record)
                 if (source_dir / "authorized_keys").is_file():
-                    shutil.copyfile(source_dir / "authorized_keys", directory / "authorized_keys")
+                    copy_private(source_dir / "authorized_keys", directory / "authorized_keys")
                 os.replace(new_top, disk)
                 layer.chmod(0o444)
         return self._workspace(new_name, clone_record, VMState("stopped"))

@@ -54,6 +54,7 @@ from rockpool.errors import (
     RockpoolError,
 )
 from rockpool.names import check_slug
+from rockpool.runtime import network
 from rockpool.runtime.base import (
     AUTHORIZED_KEYS,
     RECORD,
@@ -449,7 +450,11 @@ class TartRuntime(Runtime):
                 address = vm_ip(name)
             except CommandFailed as exc:  # one VM's trouble must not hide the others
                 log.warning("tart ip %s failed: %s", name, exc)
-        endpoint = Endpoint(address, CODE_SERVER_PORT, SSH_PORT) if address else None
+        endpoint = (
+            Endpoint(address, CODE_SERVER_PORT, SSH_PORT, network=record.get("network", "open"))
+            if address
+            else None
+        )
         return Workspace(
             name=name,
             runtime=self.name,
@@ -537,7 +542,14 @@ class TartRuntime(Runtime):
             run_log = directory / RUN_LOG
             offset = run_log.stat().st_size if run_log.exists() else 0
             tart = tart_executable()
-            argv = [tart, "run", name, "--no-graphics", "--disk", f"{carrier}:ro"]
+            # Softnet: the guest reaches the internet and the host's NAT gateway only, no
+            # other VM and no private network (docs/security.md).
+            isolated = network.mode() is network.Network.ISOLATED
+            record["network"] = "softnet" if isolated else "open"
+            write_json_atomic(directory / RECORD, record)
+            argv = [tart, "run", name, "--no-graphics"]
+            argv += ["--net-softnet"] if isolated else []
+            argv += ["--disk", f"{carrier}:ro"]
             pid = spawn(argv, log_path=run_log, env=tart_env(tart))
             entry, address = self._wait_for_ip(name, pid, run_log, offset)
             return self._workspace(name, record, entry, address)
