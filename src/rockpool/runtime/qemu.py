@@ -350,18 +350,28 @@ class QemuVM(QemuProcess):
     def qmp(self, command: str) -> None:
         qmp.execute(self.qmp_socket, command)
 
-    def monitor(self, command_line: str) -> None:
-        """A human-monitor command (hostfwd_add has no QMP form); its output is its error."""
+    def monitor(self, command_line: str) -> str:
+        """A human-monitor command (hostfwd_add has no QMP form); returns its output."""
         arguments: dict[str, Any] = {"command-line": command_line}
         try:
-            output = qmp.execute(self.qmp_socket, "human-monitor-command", **arguments)
+            return str(qmp.execute(self.qmp_socket, "human-monitor-command", **arguments) or "")
         except qmp.QmpUnavailable as exc:
             raise Conflict(
                 f"{self.config.name}'s QEMU does not answer: {exc}",
                 hint=f"see its state: rockpool workspace status {self.config.name}",
             ) from None
-        if str(output or "").strip():
-            raise CommandFailed(["(qemu monitor)", command_line], 1, str(output))
+
+    def add_forward(self, host_port: int, guest_port: int) -> None:
+        rule = f"tcp:127.0.0.1:{host_port}-:{guest_port}"
+        output = self.monitor(f"hostfwd_add net0 {rule}")
+        if output.strip():  # silent when it worked
+            raise CommandFailed(["(qemu monitor)", "hostfwd_add", rule], 1, output)
+
+    def remove_forward(self, host_port: int) -> None:
+        rule = f"tcp:127.0.0.1:{host_port}"
+        output = self.monitor(f"hostfwd_remove net0 {rule}")
+        if "removed" not in output and "not found" not in output:  # not found: gone already
+            raise CommandFailed(["(qemu monitor)", "hostfwd_remove", rule], 1, output)
 
     def stop(self, timeout: float = 90.0) -> bool:
         """ACPI power-down, then a hard stop after timeout. True if the guest shut down.

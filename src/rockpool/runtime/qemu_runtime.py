@@ -368,7 +368,7 @@ class QemuRuntime(Runtime):
             forwards = record.setdefault("forwards", {})
             if vm.alive() and str(guest_port) not in forwards:
                 host_port = network.pick_port(forwards.values())
-                vm.monitor(f"hostfwd_add net0 tcp:127.0.0.1:{host_port}-:{guest_port}")
+                vm.add_forward(host_port, guest_port)
                 forwards[str(guest_port)] = host_port
             write_json_atomic(directory / RECORD, record)
             return next(
@@ -387,7 +387,7 @@ class QemuRuntime(Runtime):
             vm = self._vm(name, record)
             host_port = record.get("forwards", {}).pop(str(guest_port), None)
             if host_port is not None and vm.alive():
-                vm.monitor(f"hostfwd_remove net0 tcp:127.0.0.1:{host_port}")
+                vm.remove_forward(host_port)
             record["ports"].remove(guest_port)
             write_json_atomic(directory / RECORD, record)
 
