@@ -307,6 +307,6 @@ def test_invalid_workspace_name_fails_the_init_unit(
         journal = guest.ssh("sudo journalctl -b -u rockpool-init --no-pager")
         assert "ROCKPOOL_BIG is 5000 bytes, over the limit of 4096" in journal
         env = guest.ssh("sudo cat /run/rockpool/env")
-        assert "ROCKPOOL_TEAM=blue" in env and "ROCKPOOL_BIG" not in env
+        assert 'ROCKPOOL_TEAM="blue"' in env and "ROCKPOOL_BIG" not in env
     finally:
         guest.kill()
