@@ -34,11 +34,13 @@ def rockpool_env(home: Path) -> dict[str, str]:
     return {**os.environ, "ROCKPOOL_HOME": str(home), "PYTHONUNBUFFERED": "1"}
 
 
-def run_rockpool(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """The real CLI, as the worker calls it, against the test store."""
+def run_rockpool(
+    home: Path, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real CLI, as the worker calls it, against the test store (env: more variables)."""
     return subprocess.run(
         [sys.executable, "-m", "rockpool", *args],
-        env=rockpool_env(home),
+        env={**rockpool_env(home), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -209,8 +209,14 @@ def test_image_updates_reach_new_workspaces_only(
         )
         updated = tmp_path / "workspace.toml"
         updated.write_text(f'extends = "{DEFAULT_SPEC}"\n[provision]\nscript = "{script}"\n')
+        # The image's archive state: an unlocked build keys its bootstrap on the archive's
+        # Release date, which Debian may move between the two builds.
+        same_archive = {"SOURCE_DATE_EPOCH": str(built_image.manifest["source_date_epoch"])}
         rebuilt = run_rockpool(
-            store_home, "image", "build", str(updated), "--json", "--no-verify", timeout=3600
+            store_home,
+            *("image", "build", str(updated), "--json", "--no-verify"),
+            timeout=3600,
+            env=same_archive,
         )
         assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
         new_ref = json.loads(rebuilt.stdout)["image"]
