@@ -5,6 +5,7 @@ out of the workspace, and a private key handed over by mistake must never be sto
 from __future__ import annotations
 
 import base64
+import itertools
 import re
 import struct
 
@@ -173,42 +174,39 @@ def _entry_problem(body: str) -> tuple[str, str] | None:
     return (problem, _HINT_LINE) if problem else None
 
 
+def _unquoted(text: str, stops: str) -> tuple[list[int], bool]:
+    """Where text has a character of stops outside double quotes (\\" is the only escape
+    inside them), and whether a quote is left open at the end."""
+    found: list[int] = []
+    quoted, index = False, 0
+    while index < len(text):
+        char = text[index]
+        if quoted and char == "\\" and text[index + 1 : index + 2] == '"':
+            index += 2
+            continue
+        if char == '"':
+            quoted = not quoted
+        elif not quoted and char in stops:
+            found.append(index)
+        index += 1
+    return found, quoted
+
+
 def _first_field(body: str) -> tuple[str, str]:
     """The leading field, ended by a blank outside double quotes (options may hold spaces),
     and the rest with its leading blanks removed. An unclosed quote runs to the end."""
-    quoted = False
-    index = 0
-    while index < len(body):
-        char = body[index]
-        if not quoted and char in " \t":
-            break
-        if quoted and char == "\\" and body[index + 1 : index + 2] == '"':
-            index += 2
-            continue
-        if char == '"':
-            quoted = not quoted
-        index += 1
-    return body[:index], body[index:].lstrip(" \t")
+    blanks, _ = _unquoted(body, " \t")
+    end = blanks[0] if blanks else len(body)
+    return body[:end], body[end:].lstrip(" \t")
 
 
 def _options_problem(options: str) -> str | None:
-    parts: list[str] = []
-    quoted, start, index = False, 0, 0
-    while index < len(options):
-        char = options[index]
-        if quoted and char == "\\" and options[index + 1 : index + 2] == '"':
-            index += 2
-            continue
-        if char == '"':
-            quoted = not quoted
-        elif char == "," and not quoted:
-            parts.append(options[start:index])
-            start = index + 1
-        index += 1
-    if quoted:
+    commas, left_open = _unquoted(options, ",")
+    if left_open:
         return "the options field has a double quote that is never closed"
-    parts.append(options[start:])
-    for part in parts:
+    bounds = [-1, *commas, len(options)]
+    for start, end in itertools.pairwise(bounds):
+        part = options[start + 1 : end]
         if not part:
             return "the options field has an empty option (two commas in a row, or one at an end)"
         if not _OPTION.fullmatch(part):

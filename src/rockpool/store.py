@@ -171,14 +171,17 @@ def open_private(path: Path, mode: str = "w") -> IO[Any]:
 
 
 def write_private(path: Path, text: str) -> None:
-    """path's content replaced by text, atomically, in a 0600 file."""
+    """path's content replaced by text, atomically and durably, in a 0600 file."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open_private(tmp) as handle:
             handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_directory(path.parent)
 
 
 def copy_private(source: Path, target: Path) -> None:
@@ -200,14 +203,7 @@ def private_directory(path: Path) -> Path:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open_private(tmp) as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
+    write_private(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _mounts_below(path: Path) -> list[str]:
