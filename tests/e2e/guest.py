@@ -120,26 +120,7 @@ class Guest:
         raise AssertionError(f"no SSH within {BOOT_DEADLINE}s; console: {self.running.console_log}")
 
     def start_guest_app(self, port: int) -> None:
-        """A tiny HTTP app in the guest that answers with the path it was asked for."""
-        app = (
-            "import http.server\n"
-            "class Echo(http.server.BaseHTTPRequestHandler):\n"
-            "    def do_GET(self):\n"
-            "        body = self.path.encode()\n"
-            "        self.send_response(200)\n"
-            "        self.send_header('Content-Length', str(len(body)))\n"
-            "        self.end_headers()\n"
-            "        self.wfile.write(body)\n"
-            f"http.server.HTTPServer(('127.0.0.1', {port}), Echo).serve_forever()\n"
-        )
-        self.ssh(
-            f"printf %s {shlex.quote(app)} > /tmp/echo.py && "
-            "(setsid nohup python3 /tmp/echo.py >/tmp/echo.log 2>&1 &)"
-        )
-        self.ssh(
-            f"for i in $(seq 1 100); do curl -fsS -o /dev/null http://127.0.0.1:{port}/ "
-            "&& exit 0; sleep 0.2; done; exit 1"
-        )
+        start_echo_app(self.ssh, port)
 
     def stop(self) -> bool:
         return self.vm.stop() if self.vm is not None else True
@@ -147,3 +128,29 @@ class Guest:
     def kill(self) -> None:
         if self.vm is not None:
             self.vm.kill()
+
+
+def start_echo_app(
+    ssh: Callable[[str], object], port: int, *, bind: str = "127.0.0.1", prefix: str = ""
+) -> None:
+    """A tiny HTTP app in the guest, on bind:port, that answers with prefix and the path
+    it was asked for; returns once it answers."""
+    app = (
+        "import http.server\n"
+        "class Echo(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        f"        body = ({prefix!r} + self.path).encode()\n"
+        "        self.send_response(200)\n"
+        "        self.send_header('Content-Length', str(len(body)))\n"
+        "        self.end_headers()\n"
+        "        self.wfile.write(body)\n"
+        f"http.server.HTTPServer(({bind!r}, {port}), Echo).serve_forever()\n"
+    )
+    ssh(
+        f"printf %s {shlex.quote(app)} > /tmp/echo-{port}.py && "
+        f"(setsid nohup python3 /tmp/echo-{port}.py >/tmp/echo-{port}.log 2>&1 &)"
+    )
+    ssh(
+        f"for i in $(seq 1 100); do curl -fsS -o /dev/null http://127.0.0.1:{port}/ "
+        "&& exit 0; sleep 0.2; done; exit 1"
+    )

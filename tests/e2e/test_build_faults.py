@@ -92,15 +92,25 @@ class Build:
         return self.proc.returncode, stderr
 
 
+def processes() -> Iterator[tuple[Path, bytes]]:
+    """(/proc/PID, its command line) of every process that is still there."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                yield entry, (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+
+
 def leftovers(home: Path) -> list[str]:
     """Processes, mounts and loop devices that still refer to the store."""
     found = []
     root = str(home)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    for entry, argv in processes():
+        if int(entry.name) == os.getpid():
             continue
+        cmdline = argv.replace(b"\0", b" ").decode(errors="replace")
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             cwd = os.readlink(entry / "cwd")
         except OSError:
             continue
@@ -309,25 +319,28 @@ def test_a_full_disk_fails_clearly_and_leaves_the_store_whole(
 
 
 def _argvs_holding(secret: bytes) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if secret in cmdline:
-                found.append(f"{entry.name}: {cmdline[:200]!r}")
-    return found
+    return [f"{entry.name}: {argv[:200]!r}" for entry, argv in processes() if secret in argv]
+
+
+def _holds(path: Path, needles: list[bytes]) -> bool:
+    """Whether the file holds a needle, read in chunks (the cache holds root tarballs)."""
+    overlap = max(len(needle) for needle in needles) - 1
+    tail = b""
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            window = tail + chunk
+            if any(needle in window for needle in needles):
+                return True
+            tail = window[-overlap:] if overlap else b""
+    return False
 
 
 def _files_holding(root: Path, needles: list[bytes]) -> list[str]:
-    found = []
-    for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            data = path.read_bytes()
-            found += [f"{path}" for needle in needles if needle in data]
-    return found
+    return [
+        str(path)
+        for path in root.rglob("*")
+        if path.is_file() and not path.is_symlink() and _holds(path, needles)
+    ]
 
 
 def test_proxy_credentials_reach_the_proxy_and_no_argv_log_or_file(

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 
 from rockpool.runtime.base import State
+from rockpool.runtime.qemu import free_port
 from rockpool.runtime.qemu_runtime import QemuRuntime
 from rockpool.store import Store, Version
 from tests.e2e.conftest import run_rockpool
-from tests.e2e.guest import ssh_argv, wait_until
+from tests.e2e.guest import ssh_argv, start_echo_app, wait_until
 from tests.e2e.test_workspaces import Session, start
 
 pytestmark = pytest.mark.vm
@@ -252,13 +253,6 @@ def caddy_route(route_id: str, prefix: str, dial: str) -> dict[str, object]:
     }
 
 
-def free_local_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 class Caddy:
     """A real Caddy, run as the caddy user as Debian's package runs it, configured
     through its admin API as the worker configures it."""
@@ -287,7 +281,7 @@ def caddy_as_its_user() -> Iterator[Caddy]:
     work = Path(tempfile.mkdtemp(prefix="rockpool-caddy-"))
     shutil.chown(work, "caddy", "caddy")
     work.chmod(0o755)
-    admin, port = free_local_port(), free_local_port()
+    admin, port = free_port(), free_port()
     config = work / "caddy.json"
     config.write_text(
         json.dumps(
@@ -355,25 +349,8 @@ def through_caddy(port: int, path: str) -> tuple[int, str]:
 
 
 def start_app(session: Session) -> None:
-    app = (
-        "import http.server\n"
-        "class Echo(http.server.BaseHTTPRequestHandler):\n"
-        "    def do_GET(self):\n"
-        "        body = ('app:' + self.path).encode()\n"
-        "        self.send_response(200)\n"
-        "        self.send_header('Content-Length', str(len(body)))\n"
-        "        self.end_headers()\n"
-        "        self.wfile.write(body)\n"
-        f"http.server.HTTPServer(('0.0.0.0', {APP_PORT}), Echo).serve_forever()\n"
-    )
-    session.ssh(
-        f"cat > /tmp/app.py <<'EOF'\n{app}EOF\n"
-        "(setsid nohup python3 /tmp/app.py >/tmp/app.log 2>&1 &)"
-    )
-    session.ssh(
-        f"for i in $(seq 1 100); do curl -fsS -o /dev/null http://127.0.0.1:{APP_PORT}/ "
-        "&& exit 0; sleep 0.2; done; exit 1"
-    )
+    # On all addresses: QEMU's forwards reach the guest at its own address.
+    start_echo_app(session.ssh, APP_PORT, bind="0.0.0.0", prefix="app:")
 
 
 def port_cli(store_home: Path, *args: str) -> object:
