@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.image_bench import boot_once, machine_note, number, rockpool_build
 from bench.report import write_section
-from rockpool.context import BuildContext
+from rockpool.build.context import BuildContext
 from rockpool.formats import output_format
 from rockpool.progress import Reporter
 from rockpool.spec import load_spec

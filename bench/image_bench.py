@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import write_section
-from rockpool.runtime import kvm
 from rockpool.spec import host_architecture
 from rockpool.store import Store, Version
+from rockpool.tools import kvm
 from tests.e2e.guest import Guest
 
 REPO = Path(__file__).resolve().parents[1]

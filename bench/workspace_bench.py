@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.report import write_section
 from rockpool.runtime.base import State
-from rockpool.runtime.qemu_runtime import QemuRuntime
+from rockpool.runtime.qemu import QemuRuntime
 from rockpool.spec import host_architecture
 from rockpool.store import Store
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rockpool.context import BuildContext
+from rockpool.build.context import BuildContext
 from rockpool.progress import Reporter
 from rockpool.spec import ImageSpec
 from rockpool.store import Store

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rockpool.cache import StageCache
-from rockpool.runtime.qemu_runtime import QemuRuntime
+from rockpool.build.cache import StageCache
+from rockpool.runtime.qemu import QemuRuntime
 from rockpool.store import Store
 from tests.small_image import land_small_image
 

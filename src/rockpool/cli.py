@@ -18,7 +18,7 @@ from typing import Any
 
 import rockpool
 from rockpool import host, tools
-from rockpool.carrier import write_carrier
+from rockpool.config_disk import write_carrier
 from rockpool.errors import (
     ExitCode,
     Interrupted,
@@ -30,7 +30,7 @@ from rockpool.files import NotRegularFile, TooLarge, read_regular
 from rockpool.keys import KEYS_LIMIT, check_authorized_keys
 from rockpool.progress import Reporter
 from rockpool.runtime.base import PortForward, Runtime, Workspace
-from rockpool.runtime.qemu_runtime import QemuRuntime
+from rockpool.runtime.qemu import QemuRuntime
 from rockpool.spec import DEFAULT_SPEC, default_spec_path, load_spec
 from rockpool.store import Store, Version
 from rockpool.units import format_size
@@ -57,14 +57,14 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def cmd_image_build(args: argparse.Namespace, reporter: Reporter) -> int:
-    from rockpool.pipeline import build
+    from rockpool.build.pipeline import build
 
     spec = load_spec(Path(args.spec) if args.spec else default_spec_path())
     store = Store.default()
     if args.builder == "packer" and args.until:
         raise InvalidInput("--until needs the mmdebstrap builder (Packer runs as one step)")
     if args.builder == "packer":
-        from rockpool.packer import DEFAULT_BASE_VM, build_with_packer
+        from rockpool.build.packer import DEFAULT_BASE_VM, build_with_packer
 
         result = build_with_packer(
             spec, store, reporter, force=args.force, base_vm=args.packer_base or DEFAULT_BASE_VM
@@ -90,7 +90,7 @@ def cmd_image_build(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def cmd_image_lock(args: argparse.Namespace, reporter: Reporter) -> int:
-    from rockpool.pipeline import lock_spec
+    from rockpool.build.pipeline import lock_spec
 
     spec = load_spec(Path(args.spec) if args.spec else default_spec_path())
     path, result = lock_spec(
@@ -374,7 +374,7 @@ def cmd_image_diff(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def cmd_cache_ls(args: argparse.Namespace, reporter: Reporter) -> int:
-    from rockpool.cache import StageCache
+    from rockpool.build.cache import StageCache
 
     entries = StageCache.of_store(Store.default().root).entries()
     rows = [entry.to_json() for entry in entries]
@@ -396,7 +396,7 @@ def cmd_cache_ls(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def cmd_cache_prune(args: argparse.Namespace, reporter: Reporter) -> int:
-    from rockpool.cache import StageCache, configured_max_bytes, parse_max_size
+    from rockpool.build.cache import StageCache, configured_max_bytes, parse_max_size
 
     limit = parse_max_size(args.max_size) if args.max_size is not None else configured_max_bytes()
     if args.all:

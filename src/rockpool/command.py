@@ -24,10 +24,10 @@ from typing import IO
 
 from rockpool import tools
 from rockpool.errors import CommandFailed, MissingTool, redact
+from rockpool.tools import CLEAN_PATH
 
 log = logging.getLogger("rockpool.command")
 
-CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STDERR_TAIL_LINES = 25
 _PR_SET_PDEATHSIG = 1
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rockpool.build.rootfs import LISTING, read_listing
 from rockpool.errors import NotFound
-from rockpool.rootfs import LISTING, read_listing
 from rockpool.store import Version
 
 _BLOCK = 1 << 20

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rockpool.errors import Conflict, Damaged
-from rockpool.runtime.qemu_runtime import Holdings, QemuRuntime
+from rockpool.runtime.qemu import Holdings, QemuRuntime
 from rockpool.store import Store, Version
 
 

@@ -23,20 +23,6 @@ BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
 ARCHITECTURES = ("amd64", "arm64")
 
 
-def missing(programs: Iterable[str]) -> list[str]:
-    """The programs, of those given, that this host's clean PATH lacks."""
-    return sorted({p for p in programs if shutil.which(p, path=CLEAN_PATH) is None})
-
-
-def require(programs: Iterable[str], purpose: str) -> None:
-    absent = missing(programs)
-    if absent:
-        raise MissingTool(
-            f"{purpose} needs {', '.join(absent)}, which the host lacks",
-            hint=tools.install_hint(absent),
-        )
-
-
 def require_root(purpose: str) -> None:
     if os.geteuid() != 0:
         raise MissingTool(
@@ -56,8 +42,8 @@ def foreign_support_problem(arch: str) -> str | None:
     before any slow work."""
     if arch == host_architecture():
         return None
-    if missing(foreign_programs(arch)):
-        return None  # reported with the packages by require()
+    if tools.missing(foreign_programs(arch)):
+        return None  # reported with the packages by tools.require()
     if not (BINFMT_MISC / BINFMT[arch]).exists():
         return f"binfmt_misc has no {BINFMT[arch]} entry"
     result = run(["arch-test", arch], capture=True, check=False)
@@ -71,7 +57,7 @@ def require_foreign_architecture(arch: str) -> None:
     if arch == host_architecture():
         return
     purpose = f"building an {arch} image on this {host_architecture()} host"
-    require(foreign_programs(arch), purpose)
+    tools.require(foreign_programs(arch), purpose)
     problem = foreign_support_problem(arch)
     if problem:
         raise MissingTool(
@@ -97,7 +83,7 @@ def require_build_host(spec: ImageSpec, *, verify: bool = True) -> None:
     network checks and any slow work."""
     require_root("building an image")
     purpose = f"building {spec.name} ({spec.architecture})"
-    require(build_programs(spec, verify=verify), purpose)
+    tools.require(build_programs(spec, verify=verify), purpose)
     if verify and missing_firmware(spec.architecture):
         package = tools.FIRMWARE_PACKAGES[spec.architecture]
         raise MissingTool(
@@ -122,7 +108,7 @@ def check(*, with_tests: bool = False) -> dict[str, dict[str, Any]]:
     jobs: dict[str, dict[str, Any]] = {}
 
     def job(name: str, programs: Iterable[str], **problems: str | None) -> None:
-        absent = missing(programs)
+        absent = tools.missing(programs)
         found = {key: value for key, value in problems.items() if value}
         jobs[name] = {
             "missing": {program: tools.PACKAGES.get(program) for program in absent},

@@ -13,7 +13,7 @@ import platform
 import re
 from pathlib import Path
 
-from rockpool import host, tools
+from rockpool import tools
 from rockpool.command import clean_environment, run
 from rockpool.errors import InvalidInput
 from rockpool.formats.tart_oci import with_nvram
@@ -81,7 +81,7 @@ def push(
 ) -> str:
     layout: Path = version.output_path(OCI_FORMAT)
     reference = destination_reference(destination, version)
-    host.require(tools.PUSH, "pushing an image to a registry")
+    tools.require(tools.PUSH, "pushing an image to a registry")
     nvram_bytes = nvram_for_push(nvram)
     env = clean_environment({k: os.environ[k] for k in _AUTH_VARIABLES if k in os.environ})
     argv: list[str | Path] = ["skopeo", "copy", "--preserve-digests", "--retry-times", "3"]

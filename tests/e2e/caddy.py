@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from rockpool.runtime.qemu import free_port
+from rockpool.tools.qemu import free_port
 
 CADDYFILE = """
 {{

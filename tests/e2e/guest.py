@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rockpool.carrier import write_carrier
-from rockpool.runtime.qemu import QemuVM, VMConfig, create_overlay, free_port
+from rockpool.config_disk import write_carrier
 from rockpool.store import Version
+from rockpool.tools.qemu import QemuVM, VMConfig, create_overlay, free_port
 
 BOOT_DEADLINE = 420.0  # generous: TCG on a loaded 2-core machine
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rockpool.runtime.qemu import free_port
+from rockpool.tools.qemu import free_port
 from tests.e2e.guest import wait_until
 
 CONFIG = """version: 0.1

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from rockpool.runtime.base import State
-from rockpool.runtime.qemu import free_port
-from rockpool.runtime.qemu_runtime import QemuRuntime
+from rockpool.runtime.qemu import QemuRuntime
 from rockpool.store import Store, Version
+from rockpool.tools.qemu import free_port
 from tests.e2e.conftest import run_rockpool
 from tests.e2e.guest import ssh_argv, start_echo_app, wait_until
 from tests.e2e.test_workspaces import Session, start

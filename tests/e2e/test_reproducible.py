@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from rockpool.cache import CacheEntry, StageCache
+from rockpool.build.cache import CacheEntry, StageCache
+from rockpool.build.preflight import fetch
 from rockpool.diff import diff_versions
 from rockpool.lock import parse_packages_index
-from rockpool.preflight import fetch
 from rockpool.store import Store, Version
 from tests.e2e.conftest import REPO, BackgroundBuild, run_rockpool
 

@@ -15,7 +15,7 @@ import pytest
 
 from rockpool.errors import Conflict, InvalidInput, NotFound, RockpoolError
 from rockpool.runtime.base import State, Workspace
-from rockpool.runtime.qemu_runtime import QemuRuntime
+from rockpool.runtime.qemu import QemuRuntime
 from rockpool.store import Store, Version
 from tests.e2e.conftest import DEFAULT_SPEC, REPO, run_rockpool
 from tests.e2e.guest import BOOT_DEADLINE, ssh_argv, wait_until

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rockpool.cache import CachePlan, StageCache, StageKeys, parse_max_size, sparse_digest
+from rockpool.build.cache import CachePlan, StageCache, StageKeys, parse_max_size, sparse_digest
 from rockpool.errors import InvalidInput
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from rockpool.cache import StageCache
-from rockpool.runtime import qemu
-from rockpool.runtime.kvm import Verdict
-from rockpool.runtime.qemu_runtime import QemuRuntime
+from rockpool.build.cache import StageCache
+from rockpool.runtime.qemu import QemuRuntime
 from rockpool.store import Store
+from rockpool.tools import qemu
+from rockpool.tools.kvm import Verdict
 from tests.small_image import land_small_image
 
 

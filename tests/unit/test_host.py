@@ -25,7 +25,7 @@ def without(monkeypatch: pytest.MonkeyPatch, *programs: str) -> None:
     def which(program: str, mode: int = os.F_OK | os.X_OK, path: str | None = None) -> str | None:
         return None if program in programs else real(program, mode, path)
 
-    monkeypatch.setattr("rockpool.host.shutil.which", which)
+    monkeypatch.setattr("rockpool.tools.shutil.which", which)
 
 
 def build_json(

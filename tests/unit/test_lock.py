@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rockpool.context import BuildContext
+from rockpool.build.context import BuildContext
+from rockpool.build.preflight import check_lock
 from rockpool.errors import InvalidInput
 from rockpool.lock import (
     Lock,
@@ -27,7 +28,6 @@ from rockpool.lock import (
     unavailable,
     write_lock,
 )
-from rockpool.preflight import check_lock
 from rockpool.spec import ImageSpec, load_spec
 from tests.contexts import quiet_context
 
@@ -219,7 +219,7 @@ def test_build_with_a_stale_lock_stops_before_any_work(tmp_path: Path) -> None:
 
 
 def test_the_committed_default_lock_matches_the_default_spec() -> None:
-    from rockpool.bootstrap import bootstrap_packages
+    from rockpool.build.bootstrap import bootstrap_packages
 
     spec = load_spec(REPO / "images" / "workspace.toml")
     assert lock_path(spec) == REPO / "images" / "workspace.lock.json"

@@ -14,12 +14,12 @@ from typing import Any
 import hcl2
 import pytest
 
-from rockpool import packer
+from rockpool.build import packer
+from rockpool.build.packer import hcl_string, render_template, require_packer_host
+from rockpool.build.provision import installed_versions, setup_environment
 from rockpool.errors import CommandFailed, InvalidInput, MissingTool, SpecError
 from rockpool.formats.tart_oci import TART_NVRAM_TYPE, read_manifest
-from rockpool.packer import hcl_string, render_template, require_packer_host
 from rockpool.progress import Reporter
-from rockpool.provision import installed_versions, setup_environment
 from rockpool.spec import ImageSpec, load_spec
 from rockpool.store import Store
 from tests.contexts import quiet_context

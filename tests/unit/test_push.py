@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rockpool import host
+from rockpool import tools
 from rockpool.errors import InvalidInput, MissingTool, NotFound
 from rockpool.progress import Reporter
 from rockpool.push import destination_reference, push
@@ -54,7 +54,7 @@ def test_push_refuses_what_it_cannot_do(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(InvalidInput, match="empty"):
         push(with_oci, "127.0.0.1:5000/ws", store, reporter, insecure=True, nvram=empty)
 
-    monkeypatch.setattr(host, "CLEAN_PATH", str(tmp_path / "no-tools"))
+    monkeypatch.setattr(tools, "CLEAN_PATH", str(tmp_path / "no-tools"))
     with pytest.raises(MissingTool, match="skopeo") as missing:
         push(with_oci, "127.0.0.1:5000/ws", store, reporter, insecure=True)
     assert "apt-get install skopeo" in str(missing.value.hint)

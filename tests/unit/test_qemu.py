@@ -14,7 +14,7 @@ import pytest
 
 from rockpool import tools
 from rockpool.errors import InvalidInput, MissingTool
-from rockpool.runtime import kvm, qemu
+from rockpool.tools import kvm, qemu
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +66,7 @@ def test_a_verdict_holds_for_this_boot_and_this_qemu_only(
     monkeypatch.setattr(kvm, "kvm_device_problem", lambda: None)
     monkeypatch.setattr(kvm, "host_architecture", lambda: "amd64")
     monkeypatch.setattr(
-        "rockpool.runtime.kvm.shutil.which", lambda program, path=None: sys.executable
+        "rockpool.tools.kvm.shutil.which", lambda program, path=None: sys.executable
     )
     monkeypatch.setattr(kvm, "find_firmware", lambda arch: kvm.Firmware(Path("c"), Path("v")))
     boot = ["boot-1"]

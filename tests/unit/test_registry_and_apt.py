@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from rockpool.preflight import engines_allow
+from rockpool.build.preflight import engines_allow
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,7 @@ def test_apt_download_lines_drive_a_bar() -> None:
     from pathlib import Path
     from typing import Any, cast
 
-    from rockpool.bootstrap import AptDownloadProgress
+    from rockpool.build.bootstrap import AptDownloadProgress
 
     class Recorder:
         def __init__(self) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rockpool import provision
+from rockpool.build import provision
 from rockpool.cli import main
 from rockpool.command import run
 from rockpool.errors import CommandFailed, ExitCode, InvalidInput, MissingTool, redact

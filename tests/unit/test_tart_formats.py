@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rockpool.context import BuildContext
+from rockpool.build.context import BuildContext
+from rockpool.build.pipeline import output_digest
 from rockpool.formats import apple_lz4, output_format, tart_oci
-from rockpool.pipeline import output_digest
 from rockpool.progress import Reporter
 from rockpool.spec import load_spec
 from rockpool.store import Store

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from rockpool import host, tools
-from rockpool.bootstrap import lock_hooks
+from rockpool.build.bootstrap import lock_hooks
+from rockpool.build.provision import CHROOT_RUNNER
 from rockpool.formats import FORMAT_NAMES
-from rockpool.provision import CHROOT_RUNNER
 from rockpool.spec import host_architecture
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "rockpool"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from rockpool.command import run
 
 if TYPE_CHECKING:
-    from rockpool.context import BuildContext
+    from rockpool.build.context import BuildContext
 
 # Kept here, free of imports, so that spec validation can name the valid formats.
 FORMAT_NAMES = ("raw", "qcow2", "tart", "tart-oci")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from rockpool.build.context import BuildContext
 from rockpool.command import run
-from rockpool.context import BuildContext
 from rockpool.formats import Output, OutputFormat
 
 _PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rockpool.context import BuildContext
+from rockpool.build.context import BuildContext
 from rockpool.formats import Output, OutputFormat, link_or_copy
 
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rockpool.context import BuildContext
+from rockpool.build.context import BuildContext
 from rockpool.formats import Output, OutputFormat, link_or_copy
 
 CONFIG = "config.json"

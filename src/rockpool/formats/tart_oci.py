@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rockpool.context import BuildContext
+from rockpool.build.context import BuildContext
 from rockpool.formats import Output, OutputFormat, apple_lz4, link_or_copy
 from rockpool.formats.tart import config_bytes
 

@@ -15,7 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from rockpool.carrier import validate_env, write_carrier
+from rockpool.config_disk import validate_env, write_carrier
 from rockpool.errors import Damaged, InvalidInput, NotFound
 from rockpool.keys import check_authorized_keys
 from rockpool.names import check_slug, is_instance_id, is_slug, is_version_id

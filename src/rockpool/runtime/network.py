@@ -18,7 +18,6 @@ No daemon: the table is loaded, whole and atomically, at every workspace start.
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import os
 import pwd
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from rockpool import host
+from rockpool import tools
 from rockpool.command import run
 from rockpool.errors import CommandFailed, Conflict, InvalidInput, MissingTool
 
@@ -172,7 +171,7 @@ def vm_uid() -> int:
         return pwd.getpwnam(VM_USER).pw_uid
     except KeyError:
         pass
-    host.require(["useradd"], "isolating workspaces")
+    tools.require(["useradd"], "isolating workspaces")
     try:
         run(
             [
@@ -212,22 +211,11 @@ def isolate(env: Mapping[str, str] = os.environ) -> Isolation | None:
             hint="run the worker as root, or on a single-user machine set "
             "ROCKPOOL_NETWORK=open (any local user can then reach the forwards)",
         )
-    host.require(["nft"], "isolating workspaces")
+    tools.require(["nft"], "isolating workspaces")
     uid = vm_uid()
     rules = ruleset(uid, client_uids(env), resolvers(), guest_allowances(env))
     run(["nft", "-f", "-"], input_bytes=rules.encode())
     return Isolation(VM_USER, uid)
-
-
-@functools.cache
-def _has_run_with_user(qemu: str) -> bool:
-    """QEMU 9.1 and later take -run-with user=; older ones only -runas."""
-    text = run([qemu, "-help"], capture=True).stdout
-    return "-run-with" in text and "user=" in text.split("-run-with", 1)[1][:400]
-
-
-def runas_args(qemu: str, user: str) -> list[str]:
-    return ["-run-with", f"user={user}"] if _has_run_with_user(qemu) else ["-runas", user]
 
 
 def pick_port(taken: Iterable[int] = (), preferred: int | None = None) -> int:

@@ -1,426 +1,540 @@
-"""QEMU: UEFI firmware with a fresh NVRAM, virtio devices, user-mode networking with
-host port forwards bound to 127.0.0.1, and a QMP socket for state and shutdown.
+"""Workspaces on QEMU: a qcow2 overlay per workspace over an immutable image version.
 
-KVM is used only where a guest really runs under it (kvm.py); a KVM guest that fails at
-start is restarted under TCG.
+    STORE/workspaces/NAME/workspace.json   name, image version, created, clone source
+    STORE/workspaces/NAME/disk.qcow2       the persistent disk (overlay)
+    STORE/workspaces/NAME/{nvram.fd,config.img,qemu.pid,console.log}
+    STORE/layers/ID.qcow2                  frozen layers shared by a clone and its source
+    RUN/ws-STORE/NAME.qmp                  QMP socket, under the short run directory
+
+State is never stored: it comes from QEMU itself (pid file checked against /proc, then
+QMP query-status) every time, so a crash or a guest stuck in an internal error cannot
+pass for "running".
+
+Locks: each workspace's own lock orders start, stop, clone and remove of it; creating
+and cloning hold the store's lock shared, removing layers holds it exclusive (store.py).
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
-import http.client
-import itertools
+import hashlib
+import json
 import logging
+import math
 import os
-import random
-import signal
-import socket
-import time
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rockpool import host, tools
-from rockpool.command import background, run
-from rockpool.errors import CommandFailed, Conflict, MissingTool, RockpoolError
-from rockpool.runtime import kvm, network, qmp
-from rockpool.runtime.kvm import MACHINE, Firmware
-from rockpool.store import copy_private
+from rockpool.command import run
+from rockpool.errors import CommandFailed, Conflict, Damaged, InvalidInput, NotFound
+from rockpool.names import check_slug, is_mac
+from rockpool.rundir import run_directory
+from rockpool.runtime import network
+from rockpool.runtime.base import (
+    RECORD,
+    Endpoint,
+    PortForward,
+    Runtime,
+    State,
+    Workspace,
+    locked_workspace,
+    read_record,
+    readable_records,
+    record_names,
+    utc_now,
+    workspace_dir,
+    write_config_disk,
+)
+from rockpool.store import Store, copy_private, write_json_atomic
+from rockpool.tools.qemu import (
+    QemuProcess,
+    QemuVM,
+    VMConfig,
+    VMState,
+    create_overlay,
+    random_mac,
+)
 
-log = logging.getLogger("rockpool.qemu")
+log = logging.getLogger("rockpool.workspaces")
+MIB = 1 << 20
+DISK = "disk.qcow2"
+NEW_TOP = "disk.qcow2.new"  # a clone's next top layer for the source, until it switches
+GUEST_PORTS = ("8080", "22")
+DYNAMIC_PORTS_LIMIT = 64
+START_ATTEMPTS = 3  # a forward's port taken between the pick and QEMU's bind: pick again
 
-TCG_CPU = {"amd64": "max", "arm64": "max,pauth-impdef=on"}
-START_WATCH_SECONDS = 30.0
+
+def _is_guest_port(port: object) -> bool:
+    return isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535
 
 
-def find_firmware(arch: str) -> Firmware:
-    firmware = kvm.find_firmware(arch)
-    if firmware is None:
-        raise MissingTool(
-            f"no UEFI firmware for {arch} guests is installed",
-            hint=f"run: sudo apt-get install {tools.FIRMWARE_PACKAGES[arch]}",
+def check_guest_port(port: int) -> int:
+    if not _is_guest_port(port):
+        raise InvalidInput(f"a guest port is a number from 1 to 65535, not {port!r}")
+    if str(port) in GUEST_PORTS:
+        raise Conflict(
+            f"guest port {port} is forwarded already: it is the workspace's "
+            + ("code-server" if port == 8080 else "SSH")
         )
-    return firmware
+    return port
 
 
-def accelerator_args(arch: str, verdict: kvm.Verdict) -> list[str]:
-    if verdict.kvm:
-        return ["-accel", "kvm", "-cpu", "host"]
-    # Under TCG, arm64's architected pointer authentication costs a lot of emulation;
-    # the implementation-defined algorithm is much cheaper and guests cannot tell.
-    return ["-accel", "tcg,thread=multi", "-cpu", TCG_CPU[arch]]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def random_mac() -> str:
-    # QEMU's locally administered prefix 52:54:00.
-    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
-
-
-def option_value(text: str | Path) -> str:
-    """A value inside a QEMU option list: a comma is doubled, or it would end the value
-    and start an option of its own."""
-    return str(text).replace(",", ",,")
+def check_timeout(timeout: float) -> float:
+    if not math.isfinite(timeout) or timeout < 0:
+        raise InvalidInput(f"the stop timeout must be a number of seconds >= 0, not {timeout}")
+    return timeout
 
 
 @dataclass
-class VMConfig:
-    name: str
-    arch: str
-    disk: Path
-    disk_format: str
-    run_dir: Path
-    carrier: Path | None = None
-    cpus: int = 2
-    memory_mib: int = 2048
-    mac: str = field(default_factory=random_mac)
-    forwards: dict[int, int] = field(default_factory=dict)  # guest port -> host port
-    # The QMP socket: a short path (108 bytes at most); default run_dir/qmp.sock.
-    qmp_socket: Path | None = None
-    # The user QEMU drops root for once it is set up (network.py), or None to stay.
-    run_as: str | None = None
+class Holdings:
+    """What workspaces' disks are built on: each file, and which workspaces use it.
+
+    unreadable names the workspaces whose backing chain could not be read: while there
+    are any, nothing may be deleted, for it might be theirs."""
+
+    files: dict[Path, builtins.list[str]] = field(default_factory=dict)
+    unreadable: builtins.list[str] = field(default_factory=list)
+
+    def users(self, directory: Path) -> builtins.list[str]:
+        """The workspaces built on a file in directory (an image version)."""
+        return sorted(
+            {
+                name
+                for path, names in self.files.items()
+                if path.parent == directory
+                for name in names
+            }
+        )
 
 
-@dataclass(frozen=True)
-class VMState:
-    """What QEMU says of one VM: stopped (no QEMU), running, paused or failed."""
+class QemuRuntime(Runtime):
+    name = "qemu"
 
-    state: str
-    pid: int | None = None
-    qemu_status: str | None = None
-    reason: str | None = None
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.root = store.root / "workspaces"
+        self.layers = store.root / "layers"
 
+    # ---- records, locks and paths -------------------------------------------------------
 
-SOCKET_PATH_LIMIT = 107  # sun_path holds 108 bytes, the last one NUL
+    def _dir(self, name: str) -> Path:
+        return workspace_dir(self.root, name)
 
-
-class QemuProcess:
-    """The daemonized QEMU of one VM directory, found through its pid file and checked
-    against /proc and QMP every time: a crashed, killed or hung VM is never reported as
-    running."""
-
-    def __init__(self, run_dir: Path, qmp_socket: Path | None = None) -> None:
-        self.run_dir = run_dir
-        self.qmp_socket = qmp_socket or run_dir / "qmp.sock"
-
-    @property
-    def pidfile(self) -> Path:
-        return self.run_dir / "qemu.pid"
-
-    @property
-    def console_log(self) -> Path:
-        return self.run_dir / "console.log"
-
-    @property
-    def pid(self) -> int | None:
-        """The pid of this VM's QEMU, or None: the pid file's pid counts only while /proc
-        shows a live qemu-system process started with this very pid file."""
-        try:
-            pid = int(self.pidfile.read_text().strip())
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, ValueError, IndexError):
-            return None
-        if state in ("Z", "X") or not Path(argv[0].decode(errors="replace")).name.startswith(
-            "qemu-system-"
+    def _check(self, record: dict[str, Any]) -> str | None:
+        """The QEMU record's own fields, as create wrote them."""
+        if record.get("architecture") not in ("amd64", "arm64"):
+            return f"architecture {record.get('architecture')!r} is unknown"
+        for key, low, high in (("cpus", 1, 1024), ("memory_mib", 64, 16 << 20)):
+            value = record.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                return f"{key} {value!r} is not a number from {low} to {high}"
+        if not is_mac(record.get("mac")):
+            return f"mac {record.get('mac')!r} is no MAC address"
+        ports = record.get("ports", [])
+        if not (
+            isinstance(ports, list)
+            and len(ports) <= DYNAMIC_PORTS_LIMIT
+            and all(_is_guest_port(port) and str(port) not in GUEST_PORTS for port in ports)
         ):
-            return None
-        ours = str(self.pidfile).encode()
-        if not any(a == b"-pidfile" and b == ours for a, b in itertools.pairwise(argv)):
-            return None  # the pid now belongs to another process
-        return pid
+            return f"ports {ports!r} are not guest ports"
+        forwards = record.get("forwards", {})
+        guest_ports = {*GUEST_PORTS, *(str(port) for port in ports)}
+        if not isinstance(forwards, dict) or not all(
+            key in guest_ports and isinstance(port, int) and 1024 <= port <= 65535
+            for key, port in forwards.items()
+        ):
+            return f"forwards {forwards!r} are not host ports of the workspace's guest ports"
+        if record.get("network", "open") not in ("open", "isolated"):
+            return f"network {record.get('network')!r} is neither isolated nor open"
+        return None
 
-    def alive(self) -> bool:
-        return self.pid is not None
+    def _record(self, name: str) -> dict[str, Any]:
+        return read_record(self.root, name, self._check)
 
-    def state(self) -> VMState:
-        pid = self.pid
-        if pid is None:
-            return VMState("stopped")
-        try:
-            status = qmp.run_state(self.qmp_socket)
-        except qmp.QmpUnavailable as exc:
-            if self.pid is None:
-                return VMState("stopped")  # it exited while we asked
-            return VMState("failed", pid, None, f"QEMU (pid {pid}) does not answer QMP: {exc}")
-        if status == "running":
-            return VMState("running", pid, status)
-        if status in qmp.FAILED_STATES:
-            tail = _tail(self.console_log, 3).replace("\n", " | ")
-            reason = f"the guest stopped: QEMU run state {status}" + (
-                f"; console ends: {tail}" if tail else "; nothing on the console"
+    def _locked(
+        self, name: str, *, damaged_ok: bool = False
+    ) -> contextlib.AbstractContextManager[Path]:
+        return locked_workspace(self.root, name, damaged_ok=damaged_ok)
+
+    def _socket(self, name: str) -> Path:
+        """A short path for NAME's QMP socket, whatever the store's path: one directory
+        per store under the run directory."""
+        store_key = hashlib.sha256(str(self.store.root.absolute()).encode()).hexdigest()[:8]
+        return run_directory() / f"ws-{store_key}" / f"{name}.qmp"
+
+    def _process(self, name: str) -> QemuProcess:
+        return QemuProcess(self._dir(name), self._socket(name))
+
+    def _vm(
+        self, name: str, record: dict[str, Any], isolation: network.Isolation | None = None
+    ) -> QemuVM:
+        directory = self._dir(name)
+        forwards = {int(k): v for k, v in record.get("forwards", {}).items()}
+        return QemuVM(
+            VMConfig(
+                name=name,
+                arch=record["architecture"],
+                disk=directory / DISK,
+                disk_format="qcow2",
+                run_dir=directory,
+                carrier=directory / "config.img",
+                cpus=record["cpus"],
+                memory_mib=record["memory_mib"],
+                mac=record["mac"],
+                forwards=forwards,
+                qmp_socket=self._socket(name),
+                run_as=isolation.user if isolation else None,
             )
-            return VMState("failed", pid, status, reason)
-        return VMState("paused", pid, status, f"QEMU run state {status}")
+        )
 
-    def wait_exit(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.alive():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.2)  # poll interval: the process is not our child
-        return True
-
-    def kill(self) -> None:
-        pid = self.pid
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            self.wait_exit(30)
-
-
-class QemuVM(QemuProcess):
-    """One VM: its configuration, and the QEMU that runs it."""
-
-    def __init__(self, config: VMConfig) -> None:
-        super().__init__(config.run_dir, config.qmp_socket)
-        self.config = config
-        self.started_at = 0.0
-        self.accelerator: kvm.Verdict | None = None
-        self._attach: contextlib.ExitStack | None = None
-
-    def argv(self, verdict: kvm.Verdict) -> list[str]:
-        c = self.config
-        if len(str(self.qmp_socket).encode()) > SOCKET_PATH_LIMIT:
-            raise Conflict(
-                f"the QMP socket path {self.qmp_socket} is longer than a unix socket allows",
-                hint="set XDG_RUNTIME_DIR to a short private directory",
+    def _workspace(self, name: str, record: dict[str, Any], vm_state: VMState) -> Workspace:
+        state = State(vm_state.state)
+        endpoint = None
+        forwards = record.get("forwards", {})
+        if state is State.RUNNING and "8080" in forwards:
+            endpoint = Endpoint(
+                "127.0.0.1",
+                forwards["8080"],
+                forwards.get("22"),
+                ports={int(k): v for k, v in forwards.items() if k not in GUEST_PORTS},
+                network=record.get("network", "open"),
             )
-        firmware = find_firmware(c.arch)
-        nvram = c.run_dir / "nvram.fd"
-        if not nvram.exists():
-            copy_private(firmware.vars_template, nvram)  # a fresh NVRAM, as Tart/Incus
-        forwards = ",".join(
-            f"hostfwd=tcp:127.0.0.1:{hport}-:{gport}" for gport, hport in sorted(c.forwards.items())
+        process = self._process(name)
+        return Workspace(
+            name=name,
+            runtime=self.name,
+            image=record["image"],
+            state=state,
+            created=record["created"],
+            cloned_from=record.get("cloned_from"),
+            endpoint=endpoint,
+            details={
+                "disk": str(self._dir(name) / DISK),
+                "pid": vm_state.pid,
+                "qemu_status": vm_state.qemu_status,
+                "reason": vm_state.reason,
+                "console_log": str(process.console_log),
+                "accelerator": record.get("accelerator"),
+            },
         )
-        netdev = "user,id=net0" + (f",{forwards}" if forwards else "")
-        argv = [
-            tools.QEMU_SYSTEM[c.arch],
-            "-name",
-            f"rockpool-{c.name}",
-            *MACHINE[c.arch],
-            *accelerator_args(c.arch, verdict),
-            "-smp",
-            str(c.cpus),
-            "-m",
-            str(c.memory_mib),
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-user-config",
-            "-drive",
-            f"if=pflash,format=raw,unit=0,readonly=on,file={option_value(firmware.code)}",
-            "-drive",
-            f"if=pflash,format=raw,unit=1,file={option_value(nvram)}",
-            "-drive",
-            f"if=none,id=root,format={c.disk_format},discard=unmap,file={option_value(c.disk)}",
-            "-device",
-            "virtio-blk-pci,drive=root,bootindex=0",
-            "-netdev",
-            netdev,
-            "-device",
-            f"virtio-net-pci,netdev=net0,mac={c.mac}",
-            "-device",
-            "virtio-rng-pci",
-            "-chardev",
-            f"file,id=console,path={option_value(self.console_log)}",
-            "-serial",
-            "chardev:console",
-            "-chardev",
-            f"socket,id=qmp,path={option_value(self.qmp_socket)},server=on,wait=off",
-            "-mon",
-            "chardev=qmp,mode=control",
-        ]
-        if c.run_as is not None:
-            argv += network.runas_args(tools.QEMU_SYSTEM[c.arch], c.run_as)
-        if c.carrier is not None:
-            argv += [
-                "-drive",
-                f"if=none,id=config,format=raw,readonly=on,file={option_value(c.carrier)}",
-                "-device",
-                "virtio-blk-pci,drive=config",
-            ]
-        return argv
 
-    def start(self, attach: contextlib.ExitStack | None = None) -> kvm.Verdict:
-        """Boot the VM; under KVM, watch its first seconds and restart it under TCG if
-        the guest fails there. Returns the accelerator it runs on, and why.
-
-        A workspace's VM is daemonized and outlives rockpool. With attach, QEMU stays
-        rockpool's child instead, is stopped when attach closes, and dies with rockpool
-        even by kill -9 (a build's verifying boot)."""
-        self._attach = attach
-        host.require([tools.QEMU_SYSTEM[self.config.arch]], "running a VM")
-        self.config.run_dir.mkdir(parents=True, exist_ok=True)
-        self.qmp_socket.parent.mkdir(parents=True, exist_ok=True)
-        verdict = kvm.choose(self.config.arch)
-        if verdict.kvm:
-            failure = self._launch_kvm(verdict)
-            if failure is None:
-                self.accelerator = verdict
-                return verdict
-            verdict = kvm.remember(
-                self.config.arch, "tcg", f"a KVM guest failed at start ({failure}); using TCG"
-            )
-        self._launch(verdict)
-        self.accelerator = verdict
-        return verdict
-
-    def _launch(self, verdict: kvm.Verdict) -> None:
-        self.qmp_socket.unlink(missing_ok=True)
-        self.pidfile.unlink(missing_ok=True)
-        self.console_log.unlink(missing_ok=True)
-        self.started_at = time.monotonic()
-        argv = [*self.argv(verdict), "-pidfile", str(self.pidfile)]
-        if self._attach is None:
-            # -daemonize returns once QEMU is set up, with its errors on our stderr.
-            run([*argv, "-daemonize"], timeout=120, umask=0o077)
-            return
-        output = self.run_dir / "qemu.log"
-        proc = self._attach.enter_context(background(argv, log_path=output))
-        deadline = time.monotonic() + 120
-        while not (self.qmp_socket.exists() and self.alive()):  # QEMU is set up
-            if proc.poll() is not None:
-                raise CommandFailed(argv, proc.returncode, _tail(output))
-            if time.monotonic() > deadline:
-                raise CommandFailed(argv, -1, "QEMU did not set up within 120s")
-            time.sleep(0.05)  # poll interval while QEMU starts
-
-    def _launch_kvm(self, verdict: kvm.Verdict) -> str | None:
-        """Start under KVM and watch until the firmware prints; None if it runs, else
-        why not (the failed QEMU is gone by then)."""
+    @contextlib.contextmanager
+    def _new_directory(self, name: str) -> Iterator[Path]:
+        """Build a workspace aside and rename it into place: all or nothing, and of two
+        concurrent creates of one name exactly one wins."""
+        self.store.ensure_root()
+        self.root.mkdir(exist_ok=True)
+        staging = self.root / f".new-{name}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
         try:
-            self._launch(verdict)
-        except CommandFailed as exc:
-            return f"QEMU exited with status {exc.returncode}: {exc.stderr_tail.strip()[-200:]}"
-        works, reason = kvm.watch_start(
-            lambda: None if self.alive() else -1,
-            self.qmp_socket,
-            self.console_log,
-            START_WATCH_SECONDS,
-            lambda: _tail(self.console_log, 5),
-        )
-        if works:
-            return None
-        log.info("%s: %s; restarting it under TCG", self.config.name, reason)
-        self.kill()
-        return reason
-
-    def _check_alive(self) -> None:
-        state = self.state()
-        if state.state in ("stopped", "failed"):
-            tail = _tail(self.console_log)
-            raise CommandFailed([tools.QEMU_SYSTEM[self.config.arch]], -1, state.reason or tail)
-
-    def http_get(self, guest_port: int, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
-        connection = http.client.HTTPConnection(
-            "127.0.0.1", self.config.forwards[guest_port], timeout=timeout
-        )
-        try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            return response.status, response.read()
-        finally:
-            connection.close()
-
-    def wait_http(self, guest_port: int, path: str, deadline_seconds: float) -> float:
-        """Poll until the guest answers 200 on path; returns seconds since start()."""
-        deadline = time.monotonic() + deadline_seconds
-        while time.monotonic() < deadline:
-            self._check_alive()
+            yield staging
             try:
-                status, _ = self.http_get(guest_port, path, timeout=5)
-                if status == 200:
-                    return time.monotonic() - self.started_at
-            except (OSError, http.client.HTTPException):
-                pass
-            time.sleep(0.5)  # poll interval between readiness checks, not a wait for readiness
-        raise RockpoolError(
-            f"VM {self.config.name} did not answer {path} on port {guest_port} within "
-            f"{deadline_seconds:.0f}s",
-            hint=f"see the guest console: {self.console_log}",
-        )
+                os.rename(staging, self._dir(name))
+            except OSError:
+                raise Conflict(f"a workspace named '{name}' exists already") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
-    def qmp(self, command: str) -> None:
-        qmp.execute(self.qmp_socket, command)
+    # ---- the interface ------------------------------------------------------------------
 
-    def monitor(self, command_line: str) -> str:
-        """A human-monitor command (hostfwd_add has no QMP form); returns its output."""
-        arguments: dict[str, Any] = {"command-line": command_line}
-        try:
-            return str(qmp.execute(self.qmp_socket, "human-monitor-command", **arguments) or "")
-        except qmp.QmpUnavailable as exc:
-            raise Conflict(
-                f"{self.config.name}'s QEMU does not answer: {exc}",
-                hint=f"see its state: rockpool workspace status {self.config.name}",
-            ) from None
+    def create(self, name: str, image_ref: str) -> Workspace:
+        check_slug(name, "workspace name")
+        if self._dir(name).exists():
+            raise Conflict(f"a workspace named '{name}' exists already")
+        # Shared: image rm and gc wait until the overlay and its record exist.
+        with self.store.locked(exclusive=False):
+            version = self.store.resolve(image_ref)
+            base = version.output_path("qcow2")
+            manifest = version.manifest
+            record = {
+                "name": name,
+                "runtime": self.name,
+                "image": version.ref,
+                "image_disk": str(base),
+                "architecture": manifest["architecture"],
+                "user": manifest.get("user", "coder"),
+                "cpus": manifest.get("spec", {}).get("cpus", 2),
+                "memory_mib": manifest.get("spec", {}).get("memory", 4 << 30) // MIB,
+                "mac": random_mac(),
+                "instance_id": uuid.uuid4().hex,
+                "created": utc_now(),
+            }
+            problem = self._check(record)
+            if problem:
+                raise Damaged(
+                    f"{version.ref}'s manifest gives a workspace that cannot run: {problem}",
+                    hint=f"rebuild the image, or remove it: rockpool image rm {version.ref}",
+                )
+            with self._new_directory(name) as directory:
+                # A qcow2 overlay: the same O(1) cost for a 1 GB or a 20 GB image.
+                create_overlay(base, "qcow2", directory / DISK)
+                write_json_atomic(directory / RECORD, record)
+        return self._workspace(name, record, VMState("stopped"))
 
-    def add_forward(self, host_port: int, guest_port: int) -> None:
-        rule = f"tcp:127.0.0.1:{host_port}-:{guest_port}"
-        output = self.monitor(f"hostfwd_add net0 {rule}")
-        if output.strip():  # silent when it worked
-            raise CommandFailed(["(qemu monitor)", "hostfwd_add", rule], 1, output)
+    def start(
+        self, name: str, env: Mapping[str, str] | None = None, authorized_keys: str | None = None
+    ) -> Workspace:
+        with self._locked(name) as directory:
+            record = self._record(name)
+            vm = self._vm(name, record)
+            current = vm.state()
+            if current.state in ("running", "paused"):
+                log.info("workspace %s is %s already", name, current.state)
+                return self._workspace(name, record, current)
+            if current.state == "failed":
+                log.info("workspace %s had failed (%s); starting it again", name, current.reason)
+                vm.kill()
+            isolation = network.isolate()
+            record["network"] = "isolated" if isolation else "open"
+            write_config_disk(directory, name, record["instance_id"], env, authorized_keys)
+            vm = self._launch(name, directory, record, isolation)
+            return self._workspace(name, record, vm.state())
 
-    def remove_forward(self, host_port: int) -> None:
-        rule = f"tcp:127.0.0.1:{host_port}"
-        output = self.monitor(f"hostfwd_remove net0 {rule}")
-        if "removed" not in output and "not found" not in output:  # not found: gone already
-            raise CommandFailed(["(qemu monitor)", "hostfwd_remove", rule], 1, output)
+    def _launch(
+        self,
+        name: str,
+        directory: Path,
+        record: dict[str, Any],
+        isolation: network.Isolation | None,
+    ) -> QemuVM:
+        """Start QEMU with a forward for each guest port; a port another process took
+        between the pick and QEMU's bind is picked again."""
+        guest_ports = [*GUEST_PORTS, *(str(port) for port in record.get("ports", []))]
+        previous = record.get("forwards", {})
+        refused: set[int] = set()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            forwards: dict[str, int] = {}
+            for guest in guest_ports:
+                taken = refused | set(forwards.values())
+                forwards[guest] = network.pick_port(taken, previous.get(guest))
+            record["forwards"] = forwards
+            write_json_atomic(directory / RECORD, record)
+            vm = self._vm(name, record, isolation)
+            try:
+                verdict = vm.start()
+            except CommandFailed as exc:
+                if "host forwarding" not in exc.stderr_tail or attempt == START_ATTEMPTS:
+                    raise
+                log.info("a forward's port of %s was taken; picking ports again", name)
+                refused |= set(forwards.values())
+                previous = {}
+                continue
+            record["accelerator"] = {"name": verdict.accelerator, "reason": verdict.reason}
+            write_json_atomic(directory / RECORD, record)
+            return vm
+        raise AssertionError("unreachable")
 
-    def stop(self, timeout: float = 90.0) -> bool:
-        """ACPI power-down, then a hard stop after timeout. True if the guest shut down.
+    def stop(self, name: str, timeout: float = 90.0) -> Workspace:
+        check_timeout(timeout)
+        with self._locked(name):
+            record = self._record(name)
+            vm = self._vm(name, record)
+            if vm.alive():
+                graceful = vm.stop(timeout)
+                log.info("stopped %s (%s)", name, "ACPI power-off" if graceful else "killed")
+            return self._workspace(name, record, vm.state())
 
-        A guest that does not run (failed, paused) cannot power itself off: it is
-        stopped at once."""
-        state = self.state()
-        if state.state == "stopped":
-            return True
-        if state.state != "running":
-            log.info(
-                "%s is %s (%s); stopping it at once", self.config.name, state.state, state.reason
+    # ---- dynamic ports ------------------------------------------------------------------
+
+    def _port_forwards(self, record: dict[str, Any], running: bool) -> builtins.list[PortForward]:
+        forwards = record.get("forwards", {}) if running else {}
+        return [
+            PortForward(port, "127.0.0.1" if running else None, forwards.get(str(port)))
+            for port in sorted(record.get("ports", []))
+        ]
+
+    def ports(self, name: str) -> builtins.list[PortForward]:
+        record = self._record(name)
+        return self._port_forwards(record, self._vm(name, record).alive())
+
+    def add_port(self, name: str, guest_port: int) -> PortForward:
+        guest_port = check_guest_port(guest_port)
+        with self._locked(name) as directory:
+            record = self._record(name)
+            ports = record.setdefault("ports", [])
+            if guest_port not in ports:
+                if len(ports) >= DYNAMIC_PORTS_LIMIT:
+                    raise Conflict(
+                        f"workspace '{name}' has {DYNAMIC_PORTS_LIMIT} ports already",
+                        hint=f"remove one first: rockpool workspace port rm {name} PORT",
+                    )
+                ports.append(guest_port)
+            vm = self._vm(name, record)
+            forwards = record.setdefault("forwards", {})
+            if vm.alive() and str(guest_port) not in forwards:
+                host_port = network.pick_port(forwards.values())
+                vm.add_forward(host_port, guest_port)
+                forwards[str(guest_port)] = host_port
+            write_json_atomic(directory / RECORD, record)
+            return next(
+                p for p in self._port_forwards(record, vm.alive()) if p.guest_port == guest_port
             )
-            self.kill()
-            return False
-        try:
-            self.qmp("system_powerdown")
-        except qmp.QmpUnavailable as exc:
-            log.info("graceful stop of %s failed (%s); killing it", self.config.name, exc)
-            self.kill()
-            return False
-        if self.wait_exit(timeout):
-            return True
-        log.info("%s did not power off within %.0fs; killing it", self.config.name, timeout)
-        self.kill()
-        return False
 
+    def remove_port(self, name: str, guest_port: int) -> None:
+        guest_port = check_guest_port(guest_port)
+        with self._locked(name) as directory:
+            record = self._record(name)
+            if guest_port not in record.get("ports", []):
+                raise NotFound(
+                    f"workspace '{name}' has no port {guest_port}",
+                    hint=f"list them with: rockpool workspace port ls {name}",
+                )
+            vm = self._vm(name, record)
+            host_port = record.get("forwards", {}).pop(str(guest_port), None)
+            if host_port is not None and vm.alive():
+                vm.remove_forward(host_port)
+            record["ports"].remove(guest_port)
+            write_json_atomic(directory / RECORD, record)
 
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+    def status(self, name: str) -> Workspace:
+        record = self._record(name)
+        return self._workspace(name, record, self._vm(name, record).state())
 
+    def endpoint(self, name: str) -> Endpoint:
+        workspace = self.status(name)
+        if workspace.endpoint is None:
+            raise Conflict(
+                f"workspace '{name}' is not running",
+                hint=f"start it with: rockpool workspace start {name}",
+            )
+        return workspace.endpoint
 
-def create_overlay(base: Path, base_format: str, overlay: Path, size: int | None = None) -> None:
-    """A qcow2 overlay whose backing file is base: O(1) whatever base's size."""
-    argv: list[str | Path] = [
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        base_format,
-        "-b",
-        base,
-        overlay,
-    ]
-    if size is not None:
-        argv.append(str(size))
-    run(argv, umask=0o077)
+    def clone(self, source: str, new_name: str) -> Workspace:
+        check_slug(new_name, "workspace name")
+        if self._dir(new_name).exists():
+            raise Conflict(f"a workspace named '{new_name}' exists already")
+        with self._locked(source) as source_dir, self.store.locked(exclusive=False):
+            record = self._record(source)
+            if self._vm(source, record).alive():
+                raise Conflict(
+                    f"workspace '{source}' is running; a clone of a running disk would not "
+                    "be consistent",
+                    hint=f"stop it first: rockpool workspace stop {source}",
+                )
+            self.layers.mkdir(parents=True, exist_ok=True)
+            layer = self.layers / f"{uuid.uuid4().hex}.qcow2"
+            disk = source_dir / DISK
+            new_top = source_dir / NEW_TOP
+            clone_record = {
+                **record,
+                "name": new_name,
+                "mac": random_mac(),
+                "instance_id": uuid.uuid4().hex,
+                "cloned_from": source,
+                "created": utc_now(),
+            }
+            clone_record.pop("forwards", None)
+            clone_record.pop("accelerator", None)
+            # Freeze the source's disk as a shared layer, each side a new overlay on it.
+            # The source switches to its overlay before the clone appears: at no point
+            # can a disk that is still written be another one's backing file.
+            os.link(disk, layer)
+            create_overlay(layer, "qcow2", new_top)
+            with self._new_directory(new_name) as directory:
+                create_overlay(layer, "qcow2", directory / DISK)
+                write_json_atomic(directory / RECORD, clone_record)
+                if (source_dir / "authorized_keys").is_file():
+                    copy_private(source_dir / "authorized_keys", directory / "authorized_keys")
+                os.replace(new_top, disk)
+                layer.chmod(0o444)
+        return self._workspace(new_name, clone_record, VMState("stopped"))
+
+    def remove(self, name: str, force: bool = False) -> None:
+        with self._locked(name, damaged_ok=force) as directory:
+            try:
+                record = self._record(name)
+            except Damaged:
+                if not force:
+                    raise
+                record = None  # force: a damaged record goes too
+            process = self._vm(name, record) if record else self._process(name)
+            if process.alive():
+                if not force:
+                    raise Conflict(
+                        f"workspace '{name}' is running",
+                        hint=f"stop it first, or: rockpool workspace rm --force {name}",
+                    )
+                process.kill()
+            trash = self.root / f".removed-{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(directory, trash)  # gone from view at once; deleted below
+        process.qmp_socket.unlink(missing_ok=True)
+        shutil.rmtree(trash, ignore_errors=True)
+        self.remove_unused_layers()
+
+    def list(self) -> builtins.list[Workspace]:
+        records, _ = readable_records(self.root, self._check)
+        return [
+            self._workspace(name, record, self._vm(name, record).state())
+            for name, record in records.items()
+        ]
+
+    def damaged(self) -> builtins.list[Damaged]:
+        """What is wrong with each workspace whose record cannot be trusted."""
+        return readable_records(self.root, self._check)[1]
+
+    # ---- what workspaces hold -----------------------------------------------------------
+
+    def backing_files(self, disk: Path) -> builtins.list[Path]:
+        """Every file below disk in its qcow2 backing chain (layers, then the image)."""
+        info = run(
+            ["qemu-img", "info", "--backing-chain", "-U", "--output=json", disk], capture=True
+        ).stdout
+        chain = json.loads(info)
+        return [Path(entry["filename"]) for entry in chain[1:]]
+
+    def holdings(self) -> Holdings:
+        """File -> the workspaces whose disks depend on it; damaged records included, for
+        their disks still hold what they are built on."""
+        held = Holdings()
+        for name in record_names(self.root):
+            disk = self._dir(name) / DISK
+            if not disk.exists():
+                continue
+            try:
+                chain = self.backing_files(disk)
+            except (CommandFailed, ValueError, KeyError, TypeError):
+                held.unreadable.append(name)
+                continue
+            for path in chain:
+                held.files.setdefault(path.resolve(), []).append(name)
+        return held
+
+    def remove_unused_layers(self) -> builtins.list[Path]:
+        """Delete the layers no workspace is built on, and what interrupted creates,
+        clones and removes left; under the store's exclusive lock, so none is under way."""
+        with self.store.locked(exclusive=True):
+            self._sweep()
+            if not self.layers.is_dir():
+                return []
+            held = self.holdings()
+            if held.unreadable:
+                log.warning(
+                    "not removing layers: the disks of %s cannot be read",
+                    ", ".join(held.unreadable),
+                )
+                return []
+            removed = []
+            for layer in self.layers.glob("*.qcow2"):
+                if not layer.is_symlink() and layer.resolve() not in held.files:
+                    layer.unlink()
+                    removed.append(layer)
+            return removed
+
+    def _sweep(self) -> None:
+        """What an interrupted create, clone or remove left: never a live one's, for
+        they hold the store's lock while they run."""
+        if not self.root.is_dir():
+            return
+        for entry in self.root.iterdir():
+            if entry.name.startswith((".new-", ".removed-")) and not entry.is_symlink():
+                log.info("removing %s, left by an interrupted operation", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+        for name in record_names(self.root):
+            leftover = self._dir(name) / NEW_TOP
+            if leftover.exists() and not self._process(name).alive():
+                leftover.unlink(missing_ok=True)

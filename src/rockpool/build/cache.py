@@ -32,7 +32,7 @@ from rockpool.errors import InvalidInput
 from rockpool.store import Store, fsync_directory, write_json_atomic
 from rockpool.units import parse_size
 
-log = logging.getLogger("rockpool.cache")
+log = logging.getLogger("rockpool.build.cache")
 
 ENTRY = "entry.json"
 ENTRY_SCHEMA = 1

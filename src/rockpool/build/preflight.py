@@ -20,12 +20,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from rockpool.context import BuildContext
+from rockpool.build.context import BuildContext
 from rockpool.errors import ExitCode, InvalidInput, RockpoolError
 from rockpool.lock import Lock, parse_packages_index, unavailable
 from rockpool.spec import ImageSpec
 
-log = logging.getLogger("rockpool.preflight")
+log = logging.getLogger("rockpool.build.preflight")
 TIMEOUT = 30
 NODE_ARCH = {"amd64": "x64", "arm64": "arm64"}
 

@@ -19,13 +19,13 @@ import time
 import uuid
 from pathlib import Path
 
-from rockpool.carrier import write_carrier
-from rockpool.context import BuildContext
+from rockpool.build.context import BuildContext
+from rockpool.config_disk import write_carrier
 from rockpool.errors import CommandFailed, InvalidInput, RockpoolError
-from rockpool.runtime.qemu import QemuVM, VMConfig, create_overlay, free_port
-from rockpool.runtime.rundir import run_directory
+from rockpool.rundir import run_directory
+from rockpool.tools.qemu import QemuVM, VMConfig, create_overlay, free_port
 
-log = logging.getLogger("rockpool.verify")
+log = logging.getLogger("rockpool.build.verify")
 TIMEOUT_VARIABLE = "ROCKPOOL_VERIFY_TIMEOUT"
 # Under TCG the default image answers in 1-2 minutes, the full arm64 one in about 4;
 # a contended host takes longer.

@@ -6,10 +6,10 @@ import re
 import shlex
 from pathlib import Path
 
+from rockpool.build.context import BuildContext
+from rockpool.build.provision import setup_variables
 from rockpool.command import clean_environment, contained, run
-from rockpool.context import BuildContext
 from rockpool.progress import Task
-from rockpool.provision import setup_variables
 from rockpool.spec import ImageSpec
 
 # What makes the root bootable; the spec's packages and setup.sh's own come on top.

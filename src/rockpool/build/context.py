@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rockpool.cache import CachePlan
+from rockpool.build.cache import CachePlan
 from rockpool.lock import Lock
 from rockpool.progress import Reporter
 from rockpool.spec import ImageSpec
 from rockpool.store import Store
 
-log = logging.getLogger("rockpool.pipeline")
+log = logging.getLogger("rockpool.build.pipeline")
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from pathlib import Path
 from rockpool import tools
 from rockpool.command import CLEAN_PATH, background
 from rockpool.errors import InvalidInput
-from rockpool.runtime import qmp
-from rockpool.runtime.rundir import boot_id, run_directory
+from rockpool.rundir import boot_id, run_directory
 from rockpool.spec import host_architecture
+from rockpool.tools import qmp
 
 log = logging.getLogger("rockpool.kvm")
 

@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from rockpool.build.context import BuildContext
 from rockpool.command import CLEAN_PATH, PROXY_VARIABLES, contained, run
-from rockpool.context import BuildContext
 from rockpool.errors import InvalidInput
 from rockpool.lock import mismatches
 from rockpool.spec import ImageSpec

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rockpool.carrier import (
+from rockpool.config_disk import (
     ENV_LIMIT,
     LABEL,
     VALUE_LIMIT,

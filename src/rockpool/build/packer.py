@@ -21,16 +21,16 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from rockpool import host
+from rockpool import tools
+from rockpool.build.context import BuildContext
+from rockpool.build.pipeline import BuildResult, input_digest, run_build, write_formats
+from rockpool.build.provision import installed_versions, setup_variables
 from rockpool.command import CLEAN_PATH, clean_environment, run
-from rockpool.context import BuildContext
 from rockpool.errors import InvalidInput, MissingTool, NotFound, SpecError
 from rockpool.formats import Output, OutputFormat, link_or_copy
 from rockpool.formats.tart import CONFIG, DISK
 from rockpool.formats.tart_oci import TartOciFormat, with_nvram
-from rockpool.pipeline import BuildResult, input_digest, run_build, write_formats
 from rockpool.progress import Reporter
-from rockpool.provision import installed_versions, setup_variables
 from rockpool.runtime.tart import vm_dir as tart_vm_dir
 from rockpool.spec import ImageSpec, spec_digest
 from rockpool.store import Store, sha256_file
@@ -323,7 +323,7 @@ def require_packer_host(spec: ImageSpec | None = None) -> None:
         )
     for fmt in spec.formats if spec is not None else ():
         needed = FORMAT_TOOLS.get(fmt, {})
-        absent = host.missing(needed)
+        absent = tools.missing(needed)
         if absent:
             raise MissingTool(
                 f"writing the {fmt} output needs {', '.join(absent)}, which is not in {CLEAN_PATH}",

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from rockpool import host, tools
+from rockpool import tools
 from rockpool.command import clean_environment, run
 from rockpool.errors import InvalidInput
 from rockpool.names import check_slug, is_instance_id
@@ -81,7 +81,7 @@ def write_carrier(
     Invalid input is refused before anything is written.
     """
     content = render_env(validate_env(env) if validate else env)
-    host.require(tools.CONFIG_DISK, "writing a workspace config disk")
+    tools.require(tools.CONFIG_DISK, "writing a workspace config disk")
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     menv = clean_environment({"MTOOLS_SKIP_CHECK": "1"})

@@ -8,6 +8,14 @@ program the code runs is in it.
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterable
+
+from rockpool.errors import MissingTool
+
+# The PATH every command runs with (command.clean_environment) and programs are found on.
+CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 # program -> the Debian package that provides it
 PACKAGES: dict[str, str] = {
     "apt-get": "apt",
@@ -157,3 +165,17 @@ def all_packages(*, with_tests: bool = False) -> list[str]:
     """What the host set-up installs: every job's packages, and with_tests the suite's."""
     programs = [program for program in PACKAGES if with_tests or program not in TESTS]
     return sorted({PACKAGES[program] for program in programs} | set(DATA_PACKAGES))
+
+
+def missing(programs: Iterable[str]) -> list[str]:
+    """The programs, of those given, that this host's clean PATH lacks."""
+    return sorted({p for p in programs if shutil.which(p, path=CLEAN_PATH) is None})
+
+
+def require(programs: Iterable[str], purpose: str) -> None:
+    absent = missing(programs)
+    if absent:
+        raise MissingTool(
+            f"{purpose} needs {', '.join(absent)}, which the host lacks",
+            hint=install_hint(absent),
+        )

@@ -21,8 +21,8 @@ from typing import Any
 
 import rockpool
 from rockpool import host
-from rockpool.bootstrap import bootstrap, bootstrap_packages
-from rockpool.cache import (
+from rockpool.build.bootstrap import bootstrap, bootstrap_packages
+from rockpool.build.cache import (
     CACHED_STAGES,
     CachePlan,
     StageCache,
@@ -30,15 +30,16 @@ from rockpool.cache import (
     configured_max_bytes,
     link_tree,
 )
-from rockpool.context import BuildContext
-from rockpool.disk import assemble_disk
+from rockpool.build.context import BuildContext
+from rockpool.build.disk import assemble_disk
+from rockpool.build.preflight import archive_epoch, preflight, registry_integrity
+from rockpool.build.provision import provision, setup_variables
+from rockpool.build.rootfs import LISTING, restore, snapshot
+from rockpool.build.verify import verify_boot
 from rockpool.errors import CommandFailed, InvalidInput, RockpoolError
 from rockpool.formats import OutputFormat, output_format
 from rockpool.lock import Lock, check_inputs, lock_path, locked_inputs, read_lock, write_lock
-from rockpool.preflight import archive_epoch, preflight, registry_integrity
 from rockpool.progress import Reporter
-from rockpool.provision import provision, setup_variables
-from rockpool.rootfs import LISTING, restore, snapshot
 from rockpool.spec import ImageSpec, spec_digest
 from rockpool.store import (
     Store,
@@ -48,9 +49,8 @@ from rockpool.store import (
     open_private,
     sha256_file,
 )
-from rockpool.verify import verify_boot
 
-log = logging.getLogger("rockpool.pipeline")
+log = logging.getLogger("rockpool.build.pipeline")
 
 LOGS_KEPT = 20
 # The modules whose code shapes each stage's result: a change to one is a new input.

@@ -13,10 +13,10 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from rockpool.build.context import BuildContext
+from rockpool.build.rootfs import write_listing
 from rockpool.command import clean_environment, run
-from rockpool.context import BuildContext
 from rockpool.errors import RockpoolError
-from rockpool.rootfs import write_listing
 
 MIB = 1 << 20
 ESP_SIZE = 256 * MIB
