@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rockpool import tools
-from rockpool.command import CLEAN_PATH, clean_environment, run
+from rockpool.command import clean_environment, run
 from rockpool.errors import MissingTool
 from rockpool.spec import host_architecture
+from rockpool.tools import CLEAN_PATH
 
 if TYPE_CHECKING:
     from rockpool.spec import ImageSpec

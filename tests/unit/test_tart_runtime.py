@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from rockpool.command import CLEAN_PATH
 from rockpool.errors import (
     CommandFailed,
     Conflict,
@@ -31,6 +30,7 @@ from rockpool.runtime import tart as tart_module
 from rockpool.runtime.base import State
 from rockpool.runtime.tart import TartRuntime, TartVMError
 from rockpool.store import Store, Version
+from rockpool.tools import CLEAN_PATH
 from tests.keys import PUBLIC_KEY
 
 STANDINS = Path(__file__).resolve().parents[1] / "standins"

@@ -25,7 +25,7 @@ from rockpool import tools
 from rockpool.build.context import BuildContext
 from rockpool.build.pipeline import BuildResult, input_digest, run_build, write_formats
 from rockpool.build.provision import installed_versions, setup_variables
-from rockpool.command import CLEAN_PATH, clean_environment, run
+from rockpool.command import clean_environment, run
 from rockpool.errors import InvalidInput, MissingTool, NotFound, SpecError
 from rockpool.formats import Output, OutputFormat, link_or_copy
 from rockpool.formats.tart import CONFIG, DISK
@@ -34,6 +34,7 @@ from rockpool.progress import Reporter
 from rockpool.runtime.tart import vm_dir as tart_vm_dir
 from rockpool.spec import ImageSpec, spec_digest
 from rockpool.store import Store, sha256_file
+from rockpool.tools import CLEAN_PATH
 
 PLUGIN_SOURCE = "github.com/cirruslabs/tart"
 # 1.19.0: a guest that powers itself off during provisioning is taken as intended

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.build.context import BuildContext
-from rockpool.command import CLEAN_PATH, PROXY_VARIABLES, contained, run
+from rockpool.command import PROXY_VARIABLES, contained, run
 from rockpool.errors import InvalidInput
 from rockpool.lock import mismatches
 from rockpool.spec import ImageSpec
+from rockpool.tools import CLEAN_PATH
 
 BUILD_RUN = "/run/rockpool-build"
 # Runs on the host, inside the private namespaces, with the root as $1. setup.sh's

@@ -42,7 +42,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from rockpool.command import CLEAN_PATH, STDERR_TAIL_LINES, clean_environment, run, spawn
+from rockpool.command import STDERR_TAIL_LINES, clean_environment, run, spawn
 from rockpool.errors import (
     CommandFailed,
     Conflict,
@@ -70,6 +70,7 @@ from rockpool.runtime.base import (
     write_config_disk,
 )
 from rockpool.store import Store, Version, write_json_atomic
+from rockpool.tools import CLEAN_PATH
 
 log = logging.getLogger("rockpool.workspaces")
 

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rockpool import tools
-from rockpool.command import CLEAN_PATH, background
+from rockpool.command import background
 from rockpool.errors import InvalidInput
 from rockpool.rundir import boot_id, run_directory
 from rockpool.spec import host_architecture
-from rockpool.tools import qmp
+from rockpool.tools import CLEAN_PATH, qmp
 
 log = logging.getLogger("rockpool.kvm")
 
