@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import write_section
-from rockpool.spec import host_architecture
+from rockpool.arch import host_architecture
 from rockpool.store import Store, Version
 from rockpool.tools import kvm
 from tests.e2e.guest import Guest

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.report import write_section
+from rockpool.arch import host_architecture
 from rockpool.runtime.base import State
 from rockpool.runtime.qemu import QemuRuntime
-from rockpool.spec import host_architecture
 from rockpool.store import Store
 
 REPO = Path(__file__).resolve().parents[1]

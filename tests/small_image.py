@@ -9,7 +9,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from rockpool.spec import host_architecture
+from rockpool.arch import host_architecture
 from rockpool.store import Store, Version
 
 NAME = "small"

@@ -1,11 +1,28 @@
-"""Reading files a user names (specs, key files): regular files only, under a size cap,
-opened without blocking, so a FIFO, a device or a huge file is an error, not a hang."""
+"""File operations every layer shares, each in one place: reading files a user names
+(regular files only, under a size cap, opened without blocking, so a FIFO, a device or a
+huge file is an error, not a hang), private and atomic writes, hashing, hard links with
+a copy as fallback, and removal that takes a tree out of view in one rename first."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import logging
 import os
+import shutil
 import stat
+import sys
+import uuid
 from pathlib import Path
+from typing import IO, Any
+
+from rockpool.command import run
+from rockpool.errors import Conflict
+
+log = logging.getLogger("rockpool.files")
+
+_HASH_CHUNK = 8 << 20
 
 
 class NotRegularFile(ValueError):
@@ -32,3 +49,133 @@ def read_regular(path: Path | str, limit: int) -> bytes:
     if size > limit:
         raise TooLarge(f"{path} is larger than {limit} bytes")
     return b"".join(chunks)
+
+
+def sha256_file(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+PRIVATE_FILE = 0o600
+PRIVATE_DIRECTORY = 0o700
+
+
+def open_private(path: Path, mode: str = "w") -> IO[Any]:
+    """Open path for writing ("w", "a", "wb", "ab"), creating it 0600: readable by the
+    store's owner alone from its first byte."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+    flags |= os.O_APPEND if "a" in mode else os.O_TRUNC
+    fd = os.open(path, flags, PRIVATE_FILE)
+    return os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
+
+
+def write_private(path: Path, text: str) -> None:
+    """path's content replaced by text, atomically and durably, in a 0600 file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open_private(tmp) as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_directory(path.parent)
+
+
+def copy_private(source: Path, target: Path) -> None:
+    with open(source, "rb") as src, open_private(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+
+
+def private_directory(path: Path) -> Path:
+    """mkdir -p path, the last component 0700. A directory left looser by an older
+    rockpool is tightened, for what is below it may be secret."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=PRIVATE_DIRECTORY)
+    info = path.stat()
+    if info.st_mode & 0o077 and info.st_uid == os.geteuid():
+        log.warning("%s was readable by others; making it private (0700)", path)
+        path.chmod(PRIVATE_DIRECTORY)
+    return path
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_private(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _mounts_below(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+            points = [line.split()[4] for line in handle]
+    except FileNotFoundError:  # macOS: no /proc, and the Packer path mounts nothing
+        return []
+    return [p for p in points if p.startswith(prefix)]
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where source and target share a filesystem (final files are never
+    written again, so sharing costs nothing); else a sparse copy, a plain one on macOS
+    (BSD cp has no --sparse)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        if sys.platform == "darwin":
+            shutil.copyfile(source, target)
+        else:
+            run(["cp", "--sparse=always", "--reflink=auto", source, target])
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """Hard-link a file, or every file below a directory, to target (same filesystem)."""
+    if source.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(source, target)
+        return
+    for member in sorted(source.rglob("*")):
+        destination = target / member.relative_to(source)
+        if member.is_dir():
+            destination.mkdir(parents=True, exist_ok=True)
+        else:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.link(member, destination)
+
+
+def move_aside(path: Path, into: Path | None = None, *, prefix: str = ".removed-") -> Path | None:
+    """Take path out of view in one rename, to a unique name in into (default: beside
+    it); the caller deletes it with remove_tree, usually after releasing its locks.
+    None when path is gone already."""
+    trash = (into or path.parent) / f"{prefix}{path.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return None
+    return trash
+
+
+def remove_tree(path: Path | None) -> None:
+    """Delete a tree, never through a mount below it (it could be the host's /dev)."""
+    if path is None or not path.exists():
+        return
+    mounts = _mounts_below(path)
+    if mounts:
+        raise Conflict(
+            f"refusing to remove {path}: something is mounted below it ({mounts[0]})",
+            hint="unmount it (umount -R PATH) and run the command again",
+        )
+    shutil.rmtree(path, ignore_errors=True)  # a concurrent sweep may remove parts too
+    if path.exists():
+        raise Conflict(f"could not remove {path}", hint="check its permissions, then retry")

@@ -10,18 +10,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rockpool import tools
+from rockpool.arch import ARCHITECTURES, host_architecture
 from rockpool.command import clean_environment, run
 from rockpool.errors import MissingTool
-from rockpool.spec import host_architecture
 from rockpool.tools import CLEAN_PATH
 
 if TYPE_CHECKING:
     from rockpool.spec import ImageSpec
 
 # binfmt_misc entries that run another architecture's binaries under qemu-user.
-BINFMT = {"arm64": "qemu-aarch64", "amd64": "qemu-x86_64"}
+BINFMT = {name: f"qemu-{arch.qemu}" for name, arch in ARCHITECTURES.items()}
 BINFMT_MISC = Path("/proc/sys/fs/binfmt_misc")
-ARCHITECTURES = ("amd64", "arm64")
 
 
 def require_root(purpose: str) -> None:

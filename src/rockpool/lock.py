@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.errors import InvalidInput
+from rockpool.files import write_json_atomic
 from rockpool.spec import ImageSpec
-from rockpool.store import write_json_atomic
 
 LOCK_SCHEMA = 1
 LOCK_SUFFIX = ".lock.json"

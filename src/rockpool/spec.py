@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import re
 import tomllib
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rockpool.arch import NAMES, host_architecture
 from rockpool.errors import SpecError
 from rockpool.files import NotRegularFile, TooLarge, read_regular
 from rockpool.formats import ARM64_ONLY_FORMATS, FORMAT_NAMES
@@ -23,8 +23,6 @@ from rockpool.names import SLUG_RULE, is_slug
 from rockpool.units import parse_size
 
 SUITES = ("bookworm", "trixie", "forky")
-ARCHITECTURES = ("amd64", "arm64")
-HOST_ARCHITECTURES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 MIN_DISK = 4 << 30
 MAX_DISK = 2 << 40
 MIN_MEMORY = 1 << 30
@@ -92,13 +90,6 @@ def default_spec_path() -> Path:
         hint="pass the spec's path (rockpool image build PATH/images/workspace.toml), "
         "or run from the rockpool checkout",
     )
-
-
-def host_architecture() -> str:
-    machine = platform.machine()
-    if machine not in HOST_ARCHITECTURES:
-        raise SpecError("host", None, f"this host's architecture '{machine}' is not supported")
-    return HOST_ARCHITECTURES[machine]
 
 
 # ---- schema -----------------------------------------------------------------------------
@@ -176,9 +167,9 @@ def _image_name(value: Any) -> str | None:
 
 
 def _architecture(value: Any) -> str | None:
-    if value == "host" or value in ARCHITECTURES:
+    if value == "host" or value in NAMES:
         return None
-    return f"must be 'host' or one of {', '.join(ARCHITECTURES)}, not {value!r}"
+    return f"must be 'host' or one of {', '.join(NAMES)}, not {value!r}"
 
 
 def _user(value: Any) -> str | None:

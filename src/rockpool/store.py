@@ -24,19 +24,24 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
-import shutil
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from rockpool.errors import Conflict, Damaged, InvalidInput, NotFound
+from rockpool.errors import Damaged, InvalidInput, NotFound
+from rockpool.files import (
+    fsync_directory,
+    move_aside,
+    private_directory,
+    remove_tree,
+    write_json_atomic,
+)
 from rockpool.names import check_slug, is_slug, is_version_id, split_image_ref
 
 log = logging.getLogger("rockpool.store")
@@ -44,7 +49,6 @@ log = logging.getLogger("rockpool.store")
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
 INPUT_INDEX = ".inputs"
-_HASH_CHUNK = 8 << 20
 
 
 def default_root() -> Path:
@@ -141,81 +145,6 @@ def check_manifest(path: Path, manifest: object) -> dict[str, Any]:
     return manifest
 
 
-def sha256_file(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-PRIVATE_FILE = 0o600
-PRIVATE_DIRECTORY = 0o700
-
-
-def open_private(path: Path, mode: str = "w") -> IO[Any]:
-    """Open path for writing ("w", "a", "wb", "ab"), creating it 0600: readable by the
-    store's owner alone from its first byte."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
-    flags |= os.O_APPEND if "a" in mode else os.O_TRUNC
-    fd = os.open(path, flags, PRIVATE_FILE)
-    return os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
-
-
-def write_private(path: Path, text: str) -> None:
-    """path's content replaced by text, atomically and durably, in a 0600 file."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open_private(tmp) as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_directory(path.parent)
-
-
-def copy_private(source: Path, target: Path) -> None:
-    with open(source, "rb") as src, open_private(target, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-
-
-def private_directory(path: Path) -> Path:
-    """mkdir -p path, the last component 0700. A directory left looser by an older
-    rockpool is tightened, for what is below it may be secret."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=PRIVATE_DIRECTORY)
-    info = path.stat()
-    if info.st_mode & 0o077 and info.st_uid == os.geteuid():
-        log.warning("%s was readable by others; making it private (0700)", path)
-        path.chmod(PRIVATE_DIRECTORY)
-    return path
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_private(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _mounts_below(path: Path) -> list[str]:
-    prefix = str(path.resolve()) + "/"
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as handle:
-            points = [line.split()[4] for line in handle]
-    except FileNotFoundError:  # macOS: no /proc, and the Packer path mounts nothing
-        return []
-    return [p for p in points if p.startswith(prefix)]
-
-
 class _Held(threading.local):
     """The store-lock modes this thread holds, by store root: (mode, depth). Per thread:
     each thread's flock is its own open file, as another process's would be."""
@@ -302,7 +231,7 @@ class Store:
             try:
                 yield work
             finally:
-                self._remove_tree(work)
+                remove_tree(work)
                 lock_path.unlink(missing_ok=True)
 
     def remove_stale_staging(self) -> list[str]:
@@ -315,31 +244,16 @@ class Store:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live build owns it
-                self._remove_tree(self.staging_dir / lock_path.stem)
+                remove_tree(self.staging_dir / lock_path.stem)
                 lock_path.unlink(missing_ok=True)
                 removed.append(lock_path.stem)
         for orphan in self.staging_dir.iterdir():
             if orphan.is_dir() and not (self.staging_dir / f"{orphan.name}.lock").exists():
-                self._remove_tree(orphan)
+                remove_tree(orphan)
                 removed.append(orphan.name)
         if removed:
             log.info("removed interrupted builds: %s", ", ".join(removed))
         return removed
-
-    @staticmethod
-    def _remove_tree(path: Path) -> None:
-        if not path.exists():
-            return
-        mounts = _mounts_below(path)
-        if mounts:
-            # Never delete through a mount (it could be the host's /dev).
-            raise Conflict(
-                f"refusing to remove {path}: something is mounted below it ({mounts[0]})",
-                hint="unmount it (umount -R PATH) and run the command again",
-            )
-        shutil.rmtree(path, ignore_errors=True)  # a concurrent sweep may remove parts too
-        if path.exists():
-            raise Conflict(f"could not remove {path}", hint="check its permissions, then retry")
 
     # ---- versions -----------------------------------------------------------------------
 
@@ -421,16 +335,15 @@ class Store:
         if path.is_symlink() or not path.is_dir():
             raise NotFound(f"image version {name}:{version_id} does not exist")
         with self._image_lock(name):
-            trash = self.staging_dir / f"removed-{name}-{version_id}-{uuid.uuid4().hex[:6]}"
             self.staging_dir.mkdir(parents=True, exist_ok=True)
-            os.rename(path, trash)
+            trash = move_aside(path, self.staging_dir, prefix="removed-")
             link = self.images_dir / name / "latest"
             remaining = self.versions(name)
             if remaining:
                 self._point_latest(name, remaining[-1].id)
             else:
                 link.unlink(missing_ok=True)
-        self._remove_tree(trash)
+        remove_tree(trash)
 
     def image_names(self) -> list[str]:
         """Images in the store; a directory that is no image name is not one."""

@@ -17,10 +17,11 @@ from rockpool.build import provision
 from rockpool.cli import main
 from rockpool.command import run
 from rockpool.errors import CommandFailed, ExitCode, InvalidInput, MissingTool, redact
+from rockpool.files import open_private, write_json_atomic, write_private
 from rockpool.runtime import network
 from rockpool.runtime.base import write_config_disk
 from rockpool.spec import load_spec
-from rockpool.store import Store, open_private, write_json_atomic, write_private
+from rockpool.store import Store
 from tests.contexts import quiet_context
 from tests.keys import PUBLIC_KEY
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from rockpool import host, tools
+from rockpool.arch import host_architecture
 from rockpool.build.bootstrap import lock_hooks
 from rockpool.build.provision import CHROOT_RUNNER
 from rockpool.formats import FORMAT_NAMES
-from rockpool.spec import host_architecture
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "rockpool"
 TESTS = Path(__file__).resolve().parents[1]

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.errors import InvalidInput
-from rockpool.store import Store, fsync_directory, write_json_atomic
+from rockpool.files import fsync_directory, link_tree, move_aside, remove_tree, write_json_atomic
+from rockpool.store import Store
 from rockpool.units import parse_size
 
 log = logging.getLogger("rockpool.build.cache")
@@ -123,21 +124,6 @@ class CacheEntry:
             "allocated": self.allocated,
             "files": self.files,
         }
-
-
-def link_tree(source: Path, target: Path) -> None:
-    """Hard-link a file, or every file below a directory, to target (same filesystem)."""
-    if source.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(source, target)
-        return
-    for member in sorted(source.rglob("*")):
-        destination = target / member.relative_to(source)
-        if member.is_dir():
-            destination.mkdir(parents=True, exist_ok=True)
-        else:
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            os.link(member, destination)
 
 
 def _member_files(path: Path, name: str) -> dict[str, Path]:
@@ -324,12 +310,7 @@ class StageCache:
 
     def remove_path(self, path: Path) -> None:
         """Out of view in one rename, then deleted."""
-        trash = path.with_name(f".removed-{path.name}-{uuid.uuid4().hex[:6]}")
-        try:
-            os.rename(path, trash)
-        except FileNotFoundError:
-            return
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_tree(move_aside(path))
 
     def prune(self, max_bytes: int, *, stage: str | None = None) -> list[CacheEntry]:
         """Remove least recently used entries until the cache holds at most max_bytes.

@@ -13,6 +13,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from rockpool.arch import ARCHITECTURES
 from rockpool.build.context import BuildContext
 from rockpool.build.rootfs import write_listing
 from rockpool.command import clean_environment, run
@@ -21,19 +22,6 @@ from rockpool.errors import RockpoolError
 MIB = 1 << 20
 ESP_SIZE = 256 * MIB
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
-# Discoverable Partitions Specification root types, per architecture.
-ROOT_TYPE = {
-    "amd64": "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",
-    "arm64": "B921B045-1DF0-41C3-AF44-4C6F280D3FAE",
-}
-EFI_BOOT_NAME = {
-    "amd64": ("systemd-bootx64.efi", "BOOTX64.EFI"),
-    "arm64": ("systemd-bootaa64.efi", "BOOTAA64.EFI"),
-}
-CONSOLES = {
-    "amd64": "console=tty0 console=ttyS0,115200n8",
-    "arm64": "console=tty0 console=hvc0 console=ttyAMA0,115200n8",
-}
 
 
 def _newest(root: Path, pattern: str) -> Path:
@@ -47,7 +35,9 @@ def _newest(root: Path, pattern: str) -> Path:
 
 
 def kernel_command_line(ctx: BuildContext) -> str:
-    return f"root=UUID={ctx.identity.root_fs_uuid} ro {CONSOLES[ctx.spec.architecture]}"
+    return (
+        f"root=UUID={ctx.identity.root_fs_uuid} ro {ARCHITECTURES[ctx.spec.architecture].consoles}"
+    )
 
 
 # Kernel updates inside a workspace (apt upgrade) must reach the ESP, or the VM would
@@ -93,7 +83,7 @@ def write_boot_config(ctx: BuildContext) -> None:
 
 def build_esp(ctx: BuildContext, esp: Path) -> None:
     arch = ctx.spec.architecture
-    loader_source, loader_name = EFI_BOOT_NAME[arch]
+    loader_source, loader_name = ARCHITECTURES[arch].loader
     loader = ctx.root / "usr/lib/systemd/boot/efi" / loader_source
     if not loader.is_file():
         raise RockpoolError(f"systemd-boot is missing from the root ({loader})")
@@ -165,7 +155,8 @@ def write_disk(ctx: BuildContext) -> None:
         f"start={MIB // 512}, size={ESP_SIZE // 512}, type={ESP_TYPE}, "
         f'uuid={identity.esp_guid}, name="esp"\n'
         f"start={root_start // 512}, size={root_size // 512}, "
-        f'type={ROOT_TYPE[spec.architecture]}, uuid={identity.root_guid}, name="root"\n'
+        f"type={ARCHITECTURES[spec.architecture].root_partition_type}, "
+        f'uuid={identity.root_guid}, name="root"\n'
     )
     run(
         ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", ctx.disk],

@@ -27,13 +27,14 @@ from rockpool.build.pipeline import BuildResult, input_digest, run_build, write_
 from rockpool.build.provision import installed_versions, setup_variables
 from rockpool.command import clean_environment, run
 from rockpool.errors import InvalidInput, MissingTool, NotFound, SpecError
-from rockpool.formats import Output, OutputFormat, link_or_copy
+from rockpool.files import link_or_copy, sha256_file
+from rockpool.formats import Output, OutputFormat
 from rockpool.formats.tart import CONFIG, DISK
 from rockpool.formats.tart_oci import TartOciFormat, with_nvram
 from rockpool.progress import Reporter
 from rockpool.runtime.tart import vm_dir as tart_vm_dir
 from rockpool.spec import ImageSpec, spec_digest
-from rockpool.store import Store, sha256_file
+from rockpool.store import Store
 from rockpool.tools import CLEAN_PATH
 
 PLUGIN_SOURCE = "github.com/cirruslabs/tart"
@@ -355,16 +356,6 @@ def packer_input_digest(spec: ImageSpec, base_vm: str) -> str:
     )
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    # A hard link keeps Tart's disk once `tart delete` unlinks it: no copy of a disk
-    # of many GiB. Across volumes a plain copy (BSD cp has no --sparse; see
-    # formats.link_or_copy).
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
-
-
 def _collect(ctx: BuildContext, vm_dir: Path) -> None:
     """Take the VM's disk as ctx.disk, its config and NVRAM for the tart output."""
     missing = [name for name in (CONFIG, DISK, NVRAM) if not (vm_dir / name).is_file()]
@@ -384,7 +375,7 @@ def _collect(ctx: BuildContext, vm_dir: Path) -> None:
     kept.mkdir()
     for name in (CONFIG, NVRAM):
         shutil.copyfile(vm_dir / name, kept / name)
-    _link_or_copy(vm_dir / DISK, ctx.disk)
+    link_or_copy(vm_dir / DISK, ctx.disk)
 
 
 def _run_packer(ctx: BuildContext, *, vm_name: str, base_vm: str) -> None:

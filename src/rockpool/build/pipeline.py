@@ -28,7 +28,6 @@ from rockpool.build.cache import (
     StageCache,
     StageKeys,
     configured_max_bytes,
-    link_tree,
 )
 from rockpool.build.context import BuildContext
 from rockpool.build.disk import assemble_disk
@@ -37,18 +36,12 @@ from rockpool.build.provision import provision, setup_variables
 from rockpool.build.rootfs import LISTING, restore, snapshot
 from rockpool.build.verify import verify_boot
 from rockpool.errors import CommandFailed, InvalidInput, RockpoolError
+from rockpool.files import copy_private, link_tree, open_private, sha256_file
 from rockpool.formats import OutputFormat, output_format
 from rockpool.lock import Lock, check_inputs, lock_path, locked_inputs, read_lock, write_lock
 from rockpool.progress import Reporter
 from rockpool.spec import ImageSpec, spec_digest
-from rockpool.store import (
-    Store,
-    Version,
-    copy_private,
-    is_plain_file_name,
-    open_private,
-    sha256_file,
-)
+from rockpool.store import Store, Version, is_plain_file_name
 
 log = logging.getLogger("rockpool.build.pipeline")
 

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from rockpool.arch import ARCHITECTURES
 from rockpool.build.context import BuildContext
 from rockpool.errors import ExitCode, InvalidInput, RockpoolError
 from rockpool.lock import Lock, parse_packages_index, unavailable
@@ -27,7 +28,6 @@ from rockpool.spec import ImageSpec
 
 log = logging.getLogger("rockpool.build.preflight")
 TIMEOUT = 30
-NODE_ARCH = {"amd64": "x64", "arm64": "arm64"}
 
 
 class RegistryUnreachable(RockpoolError):
@@ -129,7 +129,7 @@ def archive_epoch(spec: ImageSpec, ca_bundle: Path | None) -> int:
 
 
 def _npm_name(spec: ImageSpec, package: str) -> str:
-    return f"node-linux-{NODE_ARCH[spec.architecture]}" if package == "node" else package
+    return f"node-linux-{ARCHITECTURES[spec.architecture].node}" if package == "node" else package
 
 
 def registry_integrity(spec: ImageSpec, package: str, version: str, ca_bundle: Path | None) -> str:
@@ -201,7 +201,7 @@ def preflight(ctx: BuildContext) -> None:
     registry = spec.npm_registry
     if spec.code_server_version is not None:
         check_code_server(ctx, spec.code_server_version)
-    node_package = f"node-linux-{NODE_ARCH[spec.architecture]}"
+    node_package = f"node-linux-{ARCHITECTURES[spec.architecture].node}"
     abbreviated = "application/vnd.npm.install-v1+json"
     try:
         versions = _json(ctx, f"{registry}/{node_package}", abbreviated).get("versions", {})

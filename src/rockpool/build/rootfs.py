@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.command import run
-from rockpool.store import sha256_file
+from rockpool.files import sha256_file
 
 LISTING = "rootfs.json.gz"
 _TAR_OPTIONS = ("--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls")

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from rockpool.command import run
 
 if TYPE_CHECKING:
     from rockpool.build.context import BuildContext
@@ -36,15 +33,6 @@ class OutputFormat(ABC):
     @abstractmethod
     def write(self, ctx: BuildContext, raw_disk: Path, out_dir: Path) -> Output:
         """Write this format's file(s) into out_dir, leaving raw_disk untouched."""
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """The assembled disk is final and lies in the same store, so a hard link costs
-    nothing; a sparse copy is the fallback across filesystems."""
-    try:
-        os.link(source, target)
-    except OSError:
-        run(["cp", "--sparse=always", "--reflink=auto", source, target])
 
 
 def output_format(name: str) -> OutputFormat:

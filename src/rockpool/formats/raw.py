@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from rockpool.build.context import BuildContext
-from rockpool.formats import Output, OutputFormat, link_or_copy
+from rockpool.files import link_or_copy
+from rockpool.formats import Output, OutputFormat
 
 
 class RawFormat(OutputFormat):

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.build.context import BuildContext
-from rockpool.formats import Output, OutputFormat, link_or_copy
+from rockpool.files import link_or_copy
+from rockpool.formats import Output, OutputFormat
 
 CONFIG = "config.json"
 DISK = "disk.img"

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.build.context import BuildContext
-from rockpool.formats import Output, OutputFormat, apple_lz4, link_or_copy
+from rockpool.files import link_or_copy
+from rockpool.formats import Output, OutputFormat, apple_lz4
 from rockpool.formats.tart import config_bytes
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"

@@ -17,9 +17,9 @@ from typing import Any
 
 from rockpool.config_disk import validate_env, write_carrier
 from rockpool.errors import Damaged, InvalidInput, NotFound
+from rockpool.files import write_private
 from rockpool.keys import check_authorized_keys
 from rockpool.names import check_slug, is_instance_id, is_slug, is_version_id
-from rockpool.store import write_private
 
 RECORD = "workspace.json"
 CONFIG_DISK = "config.img"

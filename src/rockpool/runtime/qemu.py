@@ -32,6 +32,7 @@ from typing import Any
 
 from rockpool.command import run
 from rockpool.errors import CommandFailed, Conflict, Damaged, InvalidInput, NotFound
+from rockpool.files import copy_private, move_aside, remove_tree, write_json_atomic
 from rockpool.names import check_slug, is_mac
 from rockpool.rundir import run_directory
 from rockpool.runtime import network
@@ -50,7 +51,7 @@ from rockpool.runtime.base import (
     workspace_dir,
     write_config_disk,
 )
-from rockpool.store import Store, copy_private, write_json_atomic
+from rockpool.store import Store
 from rockpool.tools.qemu import (
     QemuProcess,
     QemuVM,
@@ -460,10 +461,9 @@ class QemuRuntime(Runtime):
                         hint=f"stop it first, or: rockpool workspace rm --force {name}",
                     )
                 process.kill()
-            trash = self.root / f".removed-{name}-{uuid.uuid4().hex[:8]}"
-            os.rename(directory, trash)  # gone from view at once; deleted below
+            trash = move_aside(directory)  # gone from view at once; deleted below
         process.qmp_socket.unlink(missing_ok=True)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_tree(trash)
         self.remove_unused_layers()
 
     def list(self) -> builtins.list[Workspace]:

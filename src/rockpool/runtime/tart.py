@@ -53,6 +53,7 @@ from rockpool.errors import (
     NotFound,
     RockpoolError,
 )
+from rockpool.files import move_aside, remove_tree, write_json_atomic
 from rockpool.names import check_slug
 from rockpool.runtime import network
 from rockpool.runtime.base import (
@@ -69,7 +70,7 @@ from rockpool.runtime.base import (
     workspace_dir,
     write_config_disk,
 )
-from rockpool.store import Store, Version, write_json_atomic
+from rockpool.store import Store, Version
 from rockpool.tools import CLEAN_PATH
 
 log = logging.getLogger("rockpool.workspaces")
@@ -692,9 +693,8 @@ class TartRuntime(Runtime):
             if entry is not None:
                 with contextlib.suppress(NotFound):
                     run_tart("delete", name)
-            trash = self.root / f".removed-{name}-{uuid.uuid4().hex[:8]}"
-            os.rename(directory, trash)  # gone from view at once; deleted below
-        shutil.rmtree(trash, ignore_errors=True)
+            trash = move_aside(directory)  # gone from view at once; deleted below
+        remove_tree(trash)
 
     def list(self) -> builtins.list[Workspace]:
         vms = local_vms()

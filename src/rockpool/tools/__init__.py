@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterable
 
+from rockpool.arch import ARCHITECTURES
 from rockpool.errors import MissingTool
 
 # The PATH every command runs with (command.clean_environment) and programs are found on.
@@ -112,7 +113,7 @@ BUILD = (
     "sfdisk",
 )
 # The qemu-user interpreter that runs an architecture's programs on another host.
-QEMU_USER = {"arm64": "qemu-aarch64-static", "amd64": "qemu-x86_64-static"}
+QEMU_USER = {name: f"qemu-{arch.qemu}-static" for name, arch in ARCHITECTURES.items()}
 FOREIGN_BUILD = ("arch-test", "update-binfmts")
 FORMAT_PROGRAMS: dict[str, tuple[str, ...]] = {
     "raw": ("cp",),
@@ -120,7 +121,7 @@ FORMAT_PROGRAMS: dict[str, tuple[str, ...]] = {
     "tart": ("cp",),
     "tart-oci": (),
 }
-QEMU_SYSTEM = {"amd64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
+QEMU_SYSTEM = {name: f"qemu-system-{arch.qemu}" for name, arch in ARCHITECTURES.items()}
 CONFIG_DISK = ("mkfs.vfat", "mcopy")
 WORKSPACES = ("qemu-img", *CONFIG_DISK, "nft", "useradd")
 PUSH = ("skopeo",)

@@ -23,15 +23,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rockpool import tools
+from rockpool.arch import ARCHITECTURES, host_architecture
 from rockpool.command import background
 from rockpool.errors import InvalidInput
 from rockpool.rundir import boot_id, run_directory
-from rockpool.spec import host_architecture
 from rockpool.tools import CLEAN_PATH, qmp
 
 log = logging.getLogger("rockpool.kvm")
 
-MACHINE = {"amd64": ["-machine", "q35"], "arm64": ["-machine", "virt"]}
 PROBE_SECONDS = 20.0
 POLL_SECONDS = 0.1  # between looks at the probe's console and run state
 ACCEL_VARIABLE = "ROCKPOOL_ACCEL"
@@ -154,7 +153,8 @@ def probe(binary: str, arch: str, firmware: Firmware) -> tuple[bool, str]:
         console, socket, output = work / "console", work / "qmp.sock", work / "qemu.log"
         argv = [
             binary,
-            *MACHINE[arch],
+            "-machine",
+            ARCHITECTURES[arch].machine_type,
             *("-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "256"),
             *("-nodefaults", "-no-user-config", "-display", "none"),
             "-drive",

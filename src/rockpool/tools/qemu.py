@@ -22,15 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from rockpool import tools
+from rockpool.arch import ARCHITECTURES
 from rockpool.command import background, run
 from rockpool.errors import CommandFailed, Conflict, MissingTool, RockpoolError
-from rockpool.store import copy_private
+from rockpool.files import copy_private
 from rockpool.tools import kvm, qmp
-from rockpool.tools.kvm import MACHINE, Firmware
+from rockpool.tools.kvm import Firmware
 
 log = logging.getLogger("rockpool.qemu")
 
-TCG_CPU = {"amd64": "max", "arm64": "max,pauth-impdef=on"}
 START_WATCH_SECONDS = 30.0
 
 
@@ -58,9 +58,7 @@ def find_firmware(arch: str) -> Firmware:
 def accelerator_args(arch: str, verdict: kvm.Verdict) -> list[str]:
     if verdict.kvm:
         return ["-accel", "kvm", "-cpu", "host"]
-    # Under TCG, arm64's architected pointer authentication costs a lot of emulation;
-    # the implementation-defined algorithm is much cheaper and guests cannot tell.
-    return ["-accel", "tcg,thread=multi", "-cpu", TCG_CPU[arch]]
+    return ["-accel", "tcg,thread=multi", "-cpu", ARCHITECTURES[arch].tcg_cpu]
 
 
 def free_port() -> int:
@@ -216,7 +214,8 @@ class QemuVM(QemuProcess):
             tools.QEMU_SYSTEM[c.arch],
             "-name",
             f"rockpool-{c.name}",
-            *MACHINE[c.arch],
+            "-machine",
+            ARCHITECTURES[c.arch].machine_type,
             *accelerator_args(c.arch, verdict),
             "-smp",
             str(c.cpus),
