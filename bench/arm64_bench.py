@@ -21,8 +21,8 @@ from typing import Any
 
 from bench.image_bench import boot_once, machine_note, number, rockpool_build
 from bench.report import write_section
-from rockpool.build.context import BuildContext
-from rockpool.formats import output_format
+from rockpool.build.context import identity_seed
+from rockpool.formats import FormatJob, output_format
 from rockpool.progress import Reporter
 from rockpool.spec import load_spec
 from rockpool.store import Store, Version
@@ -43,17 +43,21 @@ def time_tart_oci(version: Version, scratch: Path) -> dict[str, Any]:
     """The tart-oci writer alone, on the version's disk."""
     out = scratch / "tart-oci-bench"
     out.mkdir()
-    ctx = BuildContext(
-        spec=load_spec(SPEC),
-        store=Store(scratch / "unused-store"),
-        work=scratch,
-        reporter=Reporter(interactive=False, quiet=True),
-        input_digest=version.manifest["input_digest"],
+    spec = load_spec(SPEC)
+    job = FormatJob(
+        image=spec.name,
+        architecture=spec.architecture,
+        cpus=spec.cpus,
+        memory=spec.memory,
+        identity_seed=identity_seed(spec),
         source_date_epoch=int(version.manifest["source_date_epoch"]),
-        log_path=scratch / "bench.log",
+        reporter=Reporter(interactive=False, quiet=True),
+        raw_disk=version_disk(version),
+        out_dir=out,
+        work=scratch,
     )
     started = time.monotonic()
-    layout = output_format("tart-oci").write(ctx, version_disk(version), out).path
+    layout = output_format("tart-oci").write(job).path
     seconds = time.monotonic() - started
     blobs = list((layout / "blobs" / "sha256").iterdir())
     index = json.loads((layout / "index.json").read_text())

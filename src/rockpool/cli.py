@@ -57,7 +57,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def cmd_image_build(args: argparse.Namespace, reporter: Reporter) -> int:
-    from rockpool.build.pipeline import build
+    from rockpool.build.runner import build
 
     spec = load_spec(Path(args.spec) if args.spec else default_spec_path())
     store = Store.default()
@@ -90,7 +90,7 @@ def cmd_image_build(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def cmd_image_lock(args: argparse.Namespace, reporter: Reporter) -> int:
-    from rockpool.build.pipeline import lock_spec
+    from rockpool.build.locking import lock_spec
 
     spec = load_spec(Path(args.spec) if args.spec else default_spec_path())
     path, result = lock_spec(

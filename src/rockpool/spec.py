@@ -64,7 +64,6 @@ class ImageSpec:
         for local in ("path", "setup_script", "extends"):
             data.pop(local)
         data["packages"] = sorted(self.packages)
-        data["setup_script_sha256"] = hashlib.sha256(self.setup_script.read_bytes()).hexdigest()
         return data
 
     def to_json(self) -> dict[str, Any]:

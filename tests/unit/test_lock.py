@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from rockpool.build.context import BuildContext
+from rockpool.build.plan import BuildPlan
 from rockpool.build.preflight import check_lock
 from rockpool.errors import InvalidInput
 from rockpool.lock import (
@@ -219,13 +220,11 @@ def test_build_with_a_stale_lock_stops_before_any_work(tmp_path: Path) -> None:
 
 
 def test_the_committed_default_lock_matches_the_default_spec() -> None:
-    from rockpool.build.bootstrap import bootstrap_packages
-
     spec = load_spec(REPO / "images" / "workspace.toml")
     assert lock_path(spec) == REPO / "images" / "workspace.lock.json"
     lock = read_lock(spec)
     assert lock is not None, f"no {spec.architecture} entry in images/workspace.lock.json"
-    check_inputs(lock, locked_inputs(spec, bootstrap_packages(spec)))
+    check_inputs(lock, BuildPlan.resolve(spec, use_lock=False).lock_inputs)
     assert set(lock.inputs["packages"]) <= set(lock.debian)
     assert lock.npm["code-server"]["version"] == spec.code_server_version
     assert lock.npm["node"]["version"].startswith(f"{spec.node_major}.")

@@ -170,14 +170,21 @@ def test_extends_loop_and_missing_parent(spec_dir: Path) -> None:
         load_spec(orphan)
 
 
-def test_digest_follows_inputs(spec_dir: Path) -> None:
-    from rockpool.spec import spec_digest
+def test_input_digest_follows_inputs(spec_dir: Path) -> None:
+    from rockpool.build.keys import input_digest
+    from rockpool.build.plan import BuildPlan
 
     path = write(spec_dir, MINIMAL)
-    first = spec_digest(load_spec(path))
-    assert spec_digest(load_spec(path)) == first
+
+    def digest() -> str:
+        return input_digest(BuildPlan.resolve(load_spec(path), use_lock=False))
+
+    first = digest()
+    assert digest() == first
     (spec_dir / "setup.sh").write_text("#!/bin/bash\necho changed\n")
-    assert spec_digest(load_spec(path)) != first
+    assert digest() != first
+    path.write_text(path.read_text().replace('"4.139.1"', '"4.139.0"'))
+    assert digest() != first
 
 
 def test_code_server_can_be_left_out_only_by_name(spec_dir: Path) -> None:

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from rockpool.build.context import BuildContext
-from rockpool.build.pipeline import output_digest
+from rockpool.build.outputs import output_digest
 from rockpool.formats import apple_lz4, output_format, tart_oci
-from rockpool.progress import Reporter
-from rockpool.spec import load_spec
-from rockpool.store import Store
+from rockpool.spec import ImageSpec, load_spec
+from tests.contexts import format_job
 from tests.lz4_frames import check_disk_layers, decode_digest, xxh32
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,17 +20,8 @@ CHUNK = 1 << 20  # the real 512 MiB chunks are exercised on the built arm64 imag
 
 
 @pytest.fixture
-def ctx(tmp_path: Path) -> BuildContext:
-    spec = load_spec(REPO / "images" / "workspace-arm64.toml")
-    return BuildContext(
-        spec=spec,
-        store=Store(tmp_path / "store"),
-        work=tmp_path / "work",
-        reporter=Reporter(interactive=False, quiet=True),
-        input_digest="0" * 64,
-        source_date_epoch=0,
-        log_path=tmp_path / "build.log",
-    )
+def spec() -> ImageSpec:
+    return load_spec(REPO / "images" / "workspace-arm64.toml")
 
 
 @pytest.fixture
@@ -63,16 +52,16 @@ def test_apple_lz4_blocks_decode_with_the_lz4_tool(tmp_path: Path) -> None:
 
 
 def test_tart_bundle_has_tarts_config_and_the_raw_disk(
-    ctx: BuildContext, sparse_disk: Path, tmp_path: Path
+    spec: ImageSpec, sparse_disk: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    bundle = output_format("tart").write(ctx, sparse_disk, out).path
+    bundle = output_format("tart").write(format_job(spec, sparse_disk, out)).path
     assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "disk.img"]
     config = json.loads((bundle / "config.json").read_text())
     assert config["version"] == 1 and config["os"] == "linux" and config["arch"] == "arm64"
-    assert config["cpuCount"] == config["cpuCountMin"] == ctx.spec.cpus
-    assert config["memorySize"] == config["memorySizeMin"] == ctx.spec.memory
+    assert config["cpuCount"] == config["cpuCountMin"] == spec.cpus
+    assert config["memorySize"] == config["memorySizeMin"] == spec.memory
     assert config["diskFormat"] == "raw"
     first_octet = int(config["macAddress"].split(":")[0], 16)
     assert first_octet & 0x02 and not first_octet & 0x01  # locally administered, unicast
@@ -80,12 +69,12 @@ def test_tart_bundle_has_tarts_config_and_the_raw_disk(
 
 
 def test_tart_oci_layout_follows_tarts_push_format(
-    ctx: BuildContext, sparse_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spec: ImageSpec, sparse_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tart_oci, "CHUNK_SIZE", CHUNK)
     out = tmp_path / "out"
     out.mkdir()
-    layout = output_format("tart-oci").write(ctx, sparse_disk, out).path
+    layout = output_format("tart-oci").write(format_job(spec, sparse_disk, out)).path
 
     def blob(digest: str) -> Path:
         algorithm, hexdigest = digest.split(":")
@@ -118,13 +107,13 @@ def test_tart_oci_layout_follows_tarts_push_format(
 
 
 def test_the_same_disk_gives_the_same_layout(
-    ctx: BuildContext, sparse_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spec: ImageSpec, sparse_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tart_oci, "CHUNK_SIZE", CHUNK)
     digests = []
     for attempt in ("a", "b"):
         out = tmp_path / attempt
         out.mkdir()
-        layout = output_format("tart-oci").write(ctx, sparse_disk, out).path
+        layout = output_format("tart-oci").write(format_job(spec, sparse_disk, out)).path
         digests.append(output_digest(layout, {}))
     assert digests[0] == digests[1]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rockpool.build.context import BuildContext
-from rockpool.build.provision import setup_variables
 from rockpool.command import clean_environment, contained, run
 from rockpool.progress import Task
 from rockpool.spec import ImageSpec
+
+if TYPE_CHECKING:
+    from rockpool.build.context import BuildContext  # stages are called with one
 
 # What makes the root bootable; the spec's packages and setup.sh's own come on top.
 BOOT_PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "systemd-boot-efi")
@@ -61,30 +63,6 @@ def _bytes(number: str, unit: str) -> float:
     return float(number.replace(",", "")) * _UNITS[unit]
 
 
-def setup_script_packages(spec: ImageSpec) -> list[str]:
-    """The packages setup.sh itself insists on; installed here in one apt run."""
-    result = run(
-        ["bash", spec.setup_script, "--print-packages"],
-        env=clean_environment(setup_variables(spec)),
-        capture=True,
-    )
-    return result.stdout.split()
-
-
-def bootstrap_packages(spec: ImageSpec) -> list[str]:
-    """Everything the bootstrap installs, in one apt run."""
-    return list(
-        dict.fromkeys(
-            [
-                *BOOT_PACKAGES,
-                KERNEL_PACKAGE[spec.architecture],
-                *setup_script_packages(spec),
-                *spec.packages,
-            ]
-        )
-    )
-
-
 LOCK_PREFERENCES = "/etc/apt/preferences.d/rockpool-lock.pref"
 
 
@@ -112,7 +90,7 @@ def snapshot_options(spec: ImageSpec) -> list[str]:
 
 def bootstrap(ctx: BuildContext) -> None:
     spec = ctx.spec
-    packages = bootstrap_packages(spec)
+    packages = ctx.plan.bootstrap_packages
     argv: list[str | Path] = [
         "mmdebstrap",
         "--mode=root",

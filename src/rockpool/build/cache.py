@@ -370,9 +370,9 @@ class StageKeys:
     provision: str
     disk: str
     formats: dict[str, str]
-    # Node.js, npm and code-server as setup.sh installs them (None: setup.sh has no
-    # such section), reused when only the rest of setup.sh changed.
-    runtime: str | None = None
+    # The node layer: Node.js, npm and code-server as setup.sh installs them (None:
+    # setup.sh has no such section), reused when only the rest of setup.sh changed.
+    node_layer: str | None = None
 
     def of(self, stage: str) -> str:
         key: str = getattr(self, stage)

@@ -1,4 +1,5 @@
-"""The build context: everything the pipeline's stages share, and stage timing."""
+"""The build context: the plan a build follows, its working directory, what its stages
+found out (facts, stage results) and stage timing."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.build.cache import CachePlan
+from rockpool.build.plan import BuildPlan
+from rockpool.formats import FormatJob
 from rockpool.lock import Lock
 from rockpool.progress import Reporter
 from rockpool.spec import ImageSpec
 from rockpool.store import Store
 
-log = logging.getLogger("rockpool.build.pipeline")
+log = logging.getLogger("rockpool.build")
 
 
 @dataclass(frozen=True)
@@ -47,29 +50,42 @@ class DiskIdentity:
         )
 
 
+def identity_seed(spec: ImageSpec) -> str:
+    """What the disk's ids and the Tart MAC derive from: the image, not its inputs, so
+    that a setup.sh change, a new format or a lock of the same versions gives the same
+    bytes, while two images never share a filesystem UUID."""
+    return f"{spec.name}:{spec.architecture}:{spec.disk_size}"
+
+
 @dataclass
 class BuildContext:
-    spec: ImageSpec
+    plan: BuildPlan
     store: Store
     work: Path
     reporter: Reporter
     input_digest: str
     source_date_epoch: int
     log_path: Path
-    ca_bundle: Path | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
     cache_plan: CachePlan | None = None
-    lock: Lock | None = None
     verify: bool = True  # boot the image before it lands (verify.py)
 
     @property
+    def spec(self) -> ImageSpec:
+        return self.plan.spec
+
+    @property
+    def lock(self) -> Lock | None:
+        return self.plan.lock
+
+    @property
+    def ca_bundle(self) -> Path | None:
+        return self.plan.ca_bundle
+
+    @property
     def identity_seed(self) -> str:
-        """What the disk's ids and the Tart MAC derive from: the image, not its inputs,
-        so that a setup.sh change, a new format or a lock of the same versions gives the
-        same bytes, while two images never share a filesystem UUID."""
-        spec = self.spec
-        return f"{spec.name}:{spec.architecture}:{spec.disk_size}"
+        return identity_seed(self.spec)
 
     @property
     def identity(self) -> DiskIdentity:
@@ -91,6 +107,33 @@ class BuildContext:
     def listing(self) -> Path:
         """The root filesystem's file listing (rootfs.LISTING), for `image diff`."""
         return self.work / "rootfs.json.gz"
+
+    def format_job(self) -> FormatJob:
+        """What the output formats need of this build."""
+        spec = self.spec
+        return FormatJob(
+            image=spec.name,
+            architecture=spec.architecture,
+            cpus=spec.cpus,
+            memory=spec.memory,
+            identity_seed=self.identity_seed,
+            source_date_epoch=self.source_date_epoch,
+            reporter=self.reporter,
+            raw_disk=self.disk,
+            out_dir=self.outputs_dir,
+            work=self.work,
+        )
+
+    def require_cache_plan(self) -> CachePlan:
+        assert self.cache_plan is not None, "the mmdebstrap stages run with a cache plan"
+        return self.cache_plan
+
+    def record(self, stage: str, result: str) -> None:
+        """What a stage did: "built", "cached" (restored from the stage cache) or
+        "skipped" (a later stage's cached result already holds its work)."""
+        self.facts.setdefault("stages", {})[stage] = result
+        if result != "built":
+            self.reporter.info(f"{stage}: {result}")
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

@@ -12,12 +12,15 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rockpool.arch import ARCHITECTURES
-from rockpool.build.context import BuildContext
 from rockpool.build.rootfs import write_listing
 from rockpool.command import clean_environment, run
 from rockpool.errors import RockpoolError
+
+if TYPE_CHECKING:
+    from rockpool.build.context import BuildContext  # stages are called with one
 
 MIB = 1 << 20
 ESP_SIZE = 256 * MIB

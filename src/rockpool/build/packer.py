@@ -11,24 +11,29 @@ cpu_count is a uint8, memory_gb and disk_size_gb uint16; memory_gb is GiB (`tart
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import platform
 import shlex
 import shutil
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 from rockpool import tools
 from rockpool.build.context import BuildContext
-from rockpool.build.pipeline import BuildResult, input_digest, run_build, write_formats
+from rockpool.build.keys import input_digest
+from rockpool.build.outputs import write_formats
+from rockpool.build.plan import BuildPlan
 from rockpool.build.provision import installed_versions, setup_variables
+from rockpool.build.runner import BuildResult, run_build
 from rockpool.command import clean_environment, run
 from rockpool.errors import InvalidInput, MissingTool, NotFound, SpecError
 from rockpool.files import link_or_copy, sha256_file
-from rockpool.formats import Output, OutputFormat
+from rockpool.formats import FormatJob, Output, OutputFormat
 from rockpool.formats.tart import CONFIG, DISK
 from rockpool.formats.tart_oci import TartOciFormat, with_nvram
 from rockpool.progress import Reporter
@@ -346,13 +351,13 @@ def packer_environment() -> dict[str, str]:
 # ---- the build ----------------------------------------------------------------------
 
 
-def packer_input_digest(spec: ImageSpec, base_vm: str) -> str:
+def packer_input_digest(plan: BuildPlan, base_vm: str) -> str:
     """The Linux path's inputs plus the builder, its base VM and this module's code.
 
     It differs from the Linux path's digest, so neither build is ever reused for the other.
     """
     return spec_digest(
-        spec, input_digest(spec), "builder=packer", base_vm, sha256_file(Path(__file__))
+        plan.spec, input_digest(plan), "builder=packer", base_vm, sha256_file(Path(__file__))
     )
 
 
@@ -417,12 +422,12 @@ class TartVmFormat(OutputFormat):
     name = "tart"
     filename = "tart"
 
-    def write(self, ctx: BuildContext, raw_disk: Path, out_dir: Path) -> Output:
-        bundle = out_dir / self.filename
+    def write(self, job: FormatJob) -> Output:
+        bundle = job.out_dir / self.filename
         bundle.mkdir()
         for name in (CONFIG, NVRAM):
-            shutil.copyfile(ctx.work / VM_FILES_DIR / name, bundle / name)
-        link_or_copy(raw_disk, bundle / DISK)  # beside it in the staging dir: a hard link
+            shutil.copyfile(job.work / VM_FILES_DIR / name, bundle / name)
+        link_or_copy(job.raw_disk, bundle / DISK)  # beside it in the staging dir: a hard link
         return Output(self.name, bundle)
 
 
@@ -430,10 +435,10 @@ class TartVmOciFormat(TartOciFormat):
     """tart-oci with the VM's own nvram.bin as its last layer, as `tart pull` needs it
     (a Linux build leaves the layer for `rockpool image push` to add)."""
 
-    def write(self, ctx: BuildContext, raw_disk: Path, out_dir: Path) -> Output:
-        plain = super().write(ctx, raw_disk, ctx.work)
-        nvram = (ctx.work / VM_FILES_DIR / NVRAM).read_bytes()
-        return Output(self.name, with_nvram(plain.path, nvram, out_dir / self.filename))
+    def write(self, job: FormatJob) -> Output:
+        plain = super().write(dataclasses.replace(job, out_dir=job.work))
+        nvram = (job.work / VM_FILES_DIR / NVRAM).read_bytes()
+        return Output(self.name, with_nvram(plain.path, nvram, job.out_dir / self.filename))
 
 
 # Formats for which the VM Tart made holds more than its raw disk: its own config and NVRAM.
@@ -456,13 +461,15 @@ def build_with_packer(
         ("packer", functools.partial(_run_packer, vm_name=vm_name, base_vm=base_vm)),
         ("formats", functools.partial(write_formats, backends=VM_BACKENDS)),
     ]
+    plan = BuildPlan.resolve(spec, use_lock=False)
     # Not boot-verified yet: that would be one more Tart run of the built VM.
     return run_build(
-        spec,
+        plan,
         store,
         reporter,
         stages,
-        digest=packer_input_digest(spec, base_vm),
+        digest=packer_input_digest(plan, base_vm),
         force=force,
+        epoch=lambda: int(time.time()),
         verify=False,
     )

@@ -18,13 +18,15 @@ import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rockpool.arch import ARCHITECTURES
-from rockpool.build.context import BuildContext
 from rockpool.errors import ExitCode, InvalidInput, RockpoolError
 from rockpool.lock import Lock, parse_packages_index, unavailable
 from rockpool.spec import ImageSpec
+
+if TYPE_CHECKING:
+    from rockpool.build.context import BuildContext  # stages are called with one
 
 log = logging.getLogger("rockpool.build.preflight")
 TIMEOUT = 30

@@ -18,12 +18,15 @@ import socket
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rockpool.build.context import BuildContext
 from rockpool.config_disk import write_carrier
 from rockpool.errors import CommandFailed, InvalidInput, RockpoolError
 from rockpool.rundir import run_directory
 from rockpool.tools.qemu import QemuVM, VMConfig, create_overlay, free_port
+
+if TYPE_CHECKING:
+    from rockpool.build.context import BuildContext  # stages are called with one
 
 log = logging.getLogger("rockpool.build.verify")
 TIMEOUT_VARIABLE = "ROCKPOOL_VERIFY_TIMEOUT"

@@ -1,19 +1,34 @@
-"""Output formats: each writes the assembled raw disk in the form a runtime needs."""
+"""Output formats: each writes the assembled raw disk in the form a runtime needs.
+
+A format is one small class; FORMATS lists them. Formats see only their FormatJob, never
+the build, the store or a runtime, so they sit below the spec, which validates format
+names against FORMATS.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from rockpool.build.context import BuildContext
+from rockpool.progress import Reporter
 
-# Kept here, free of imports, so that spec validation can name the valid formats.
-FORMAT_NAMES = ("raw", "qcow2", "tart", "tart-oci")
-# Tart runs only arm64 guests (Apple Silicon).
-ARM64_ONLY_FORMATS = ("tart", "tart-oci")
+
+@dataclass(frozen=True)
+class FormatJob:
+    """What a format needs of the build: the image, its identity seed and epoch, where
+    to report progress, and the paths it reads and writes."""
+
+    image: str
+    architecture: str
+    cpus: int
+    memory: int  # bytes
+    identity_seed: str  # the disk's ids and Tart's MAC derive from it (build/context.py)
+    source_date_epoch: int
+    reporter: Reporter
+    raw_disk: Path  # the assembled disk; final, never written by a format
+    out_dir: Path  # the version directory the format writes into
+    work: Path  # the build's scratch directory
 
 
 @dataclass(frozen=True)
@@ -29,17 +44,28 @@ class OutputFormat(ABC):
 
     name: str
     filename: str
+    # Tart runs only arm64 guests (Apple Silicon).
+    architectures: tuple[str, ...] = ("amd64", "arm64")
 
     @abstractmethod
-    def write(self, ctx: BuildContext, raw_disk: Path, out_dir: Path) -> Output:
-        """Write this format's file(s) into out_dir, leaving raw_disk untouched."""
+    def write(self, job: FormatJob) -> Output:
+        """Write this format's file(s) into job.out_dir, leaving job.raw_disk untouched."""
 
 
-def output_format(name: str) -> OutputFormat:
+def _registered() -> list[OutputFormat]:
+    # Imported here: the submodules import this module's base classes.
     from rockpool.formats.qcow2 import Qcow2Format
     from rockpool.formats.raw import RawFormat
     from rockpool.formats.tart import TartBundleFormat
     from rockpool.formats.tart_oci import TartOciFormat
 
-    backends: list[OutputFormat] = [RawFormat(), Qcow2Format(), TartBundleFormat(), TartOciFormat()]
-    return next(backend for backend in backends if backend.name == name)
+    return [RawFormat(), Qcow2Format(), TartBundleFormat(), TartOciFormat()]
+
+
+FORMATS: dict[str, OutputFormat] = {backend.name: backend for backend in _registered()}
+FORMAT_NAMES = tuple(FORMATS)
+ARM64_ONLY_FORMATS = tuple(n for n, f in FORMATS.items() if f.architectures == ("arm64",))
+
+
+def output_format(name: str) -> OutputFormat:
+    return FORMATS[name]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-from rockpool.build.context import BuildContext
 from rockpool.command import run
-from rockpool.formats import Output, OutputFormat
+from rockpool.formats import FormatJob, Output, OutputFormat
 
 _PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
@@ -16,9 +14,9 @@ class Qcow2Format(OutputFormat):
     name = "qcow2"
     filename = "disk.qcow2"
 
-    def write(self, ctx: BuildContext, raw_disk: Path, out_dir: Path) -> Output:
-        target = out_dir / self.filename
-        task = ctx.reporter.task("qcow2: compressing", total=100)
+    def write(self, job: FormatJob) -> Output:
+        target = job.out_dir / self.filename
+        task = job.reporter.task("qcow2: compressing", total=100)
 
         def progress(line: str) -> None:
             for match in _PERCENT.finditer(line):
@@ -38,7 +36,7 @@ class Qcow2Format(OutputFormat):
                 "qcow2",
                 "-o",
                 "cluster_size=65536",
-                raw_disk,
+                job.raw_disk,
                 target,
             ],
             on_line=progress,

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
-from rockpool.build.context import BuildContext
 from rockpool.files import link_or_copy
-from rockpool.formats import Output, OutputFormat
+from rockpool.formats import FormatJob, Output, OutputFormat
 
 CONFIG = "config.json"
 DISK = "disk.img"
@@ -33,36 +31,36 @@ def mac_address(seed: str) -> str:
     return ":".join(f"{octet:02x}" for octet in octets)
 
 
-def tart_config(ctx: BuildContext) -> dict[str, Any]:
+def tart_config(job: FormatJob) -> dict[str, Any]:
     """Tart's VMConfig for a Linux guest with the spec's CPUs and memory, keys in the
     order Tart writes them (Sources/tart/VMConfig.swift)."""
-    spec = ctx.spec
     return {
         "version": CONFIG_VERSION,
         "os": "linux",
-        "arch": spec.architecture,
-        "cpuCountMin": spec.cpus,
-        "cpuCount": spec.cpus,
-        "memorySizeMin": spec.memory,
-        "memorySize": spec.memory,
-        "macAddress": mac_address(ctx.identity_seed),
+        "arch": job.architecture,
+        "cpuCountMin": job.cpus,
+        "cpuCount": job.cpus,
+        "memorySizeMin": job.memory,
+        "memorySize": job.memory,
+        "macAddress": mac_address(job.identity_seed),
         "display": DISPLAY,
         "diskFormat": "raw",
     }
 
 
-def config_bytes(ctx: BuildContext) -> bytes:
+def config_bytes(job: FormatJob) -> bytes:
     """config.json as Tart itself serializes it: compact, in Tart's key order."""
-    return json.dumps(tart_config(ctx), separators=(",", ":")).encode()
+    return json.dumps(tart_config(job), separators=(",", ":")).encode()
 
 
 class TartBundleFormat(OutputFormat):
     name = "tart"
     filename = "tart"
+    architectures = ("arm64",)
 
-    def write(self, ctx: BuildContext, raw_disk: Path, out_dir: Path) -> Output:
-        bundle = out_dir / self.filename
+    def write(self, job: FormatJob) -> Output:
+        bundle = job.out_dir / self.filename
         bundle.mkdir()
-        (bundle / CONFIG).write_bytes(config_bytes(ctx))
-        link_or_copy(raw_disk, bundle / DISK)
+        (bundle / CONFIG).write_bytes(config_bytes(job))
+        link_or_copy(job.raw_disk, bundle / DISK)
         return Output(self.name, bundle)

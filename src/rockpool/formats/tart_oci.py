@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rockpool.build.context import BuildContext
 from rockpool.files import link_or_copy
-from rockpool.formats import Output, OutputFormat, apple_lz4
+from rockpool.formats import FormatJob, Output, OutputFormat, apple_lz4
 from rockpool.formats.tart import config_bytes
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -158,15 +157,16 @@ def disk_layers(raw_disk: Path, on_layer: Callable[[int], None]) -> Iterator[Dis
 class TartOciFormat(OutputFormat):
     name = "tart-oci"
     filename = "tart-oci"
+    architectures = ("arm64",)
 
-    def write(self, ctx: BuildContext, raw_disk: Path, out_dir: Path) -> Output:
-        layout = Layout(out_dir / self.filename)
-        disk_size = raw_disk.stat().st_size
-        task = ctx.reporter.task(
+    def write(self, job: FormatJob) -> Output:
+        layout = Layout(job.out_dir / self.filename)
+        disk_size = job.raw_disk.stat().st_size
+        task = job.reporter.task(
             "tart-oci: compressing disk chunks", total=-(-disk_size // CHUNK_SIZE)
         )
-        layers = [layout.add_bytes(config_bytes(ctx)).descriptor(TART_CONFIG_TYPE)]
-        for layer in disk_layers(raw_disk, task.update):
+        layers = [layout.add_bytes(config_bytes(job)).descriptor(TART_CONFIG_TYPE)]
+        for layer in disk_layers(job.raw_disk, task.update):
             blob = layout.add_bytes(layer.compressed)
             annotations = {
                 UNCOMPRESSED_SIZE: str(layer.uncompressed_size),
@@ -175,12 +175,12 @@ class TartOciFormat(OutputFormat):
             layers.append(blob.descriptor(TART_DISK_TYPE, **annotations))
         task.done()
         image_config = {
-            "architecture": ctx.spec.architecture,
+            "architecture": job.architecture,
             "os": "linux",
             "config": {"Labels": {DISK_FORMAT_LABEL: "raw"}},
         }
         # Tart stamps the push time; the build's SOURCE_DATE_EPOCH keeps rebuilds identical.
-        stamp = dt.datetime.fromtimestamp(ctx.source_date_epoch, dt.UTC)
+        stamp = dt.datetime.fromtimestamp(job.source_date_epoch, dt.UTC)
         manifest = {
             "schemaVersion": 2,
             "mediaType": MANIFEST_TYPE,

@@ -1,0 +1,160 @@
+"""Stage formats, and the landing: the outputs written from the disk (or linked from
+the stage cache), their digests, the manifest, and one atomic move into the store."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import shutil
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import rockpool
+from rockpool.build.cache import CachePlan
+from rockpool.build.context import BuildContext
+from rockpool.build.rootfs import LISTING
+from rockpool.files import copy_private, link_tree, sha256_file
+from rockpool.formats import OutputFormat, output_format
+from rockpool.store import Version, is_plain_file_name
+
+log = logging.getLogger("rockpool.build")
+
+
+def file_digests(path: Path, known: dict[tuple[int, int], str]) -> dict[str, str]:
+    """sha256 of a file, or of each file below a directory, by relative path.
+
+    known maps (device, inode) to digests already computed, so a hard link to the raw
+    disk (Tart's disk.img) is not read again.
+    """
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digests = {}
+    for member in files:
+        stat = member.stat()
+        key = (stat.st_dev, stat.st_ino)
+        if key not in known:
+            known[key] = sha256_file(member)
+        digests[member.relative_to(path).as_posix() if member != path else ""] = known[key]
+    return digests
+
+
+def output_digest(path: Path, known: dict[tuple[int, int], str]) -> str:
+    """sha256 of a file, or of a directory's sorted (path, sha256) listing."""
+    digests = file_digests(path, known)
+    if path.is_file():
+        return digests[""]
+    listing = "".join(f"{name}\0{digest}\n" for name, digest in digests.items())
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _allocated(path: Path) -> tuple[int, int]:
+    """(apparent size, bytes allocated) of a file or of every file below a directory."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    stats = [f.stat() for f in files]
+    return sum(s.st_size for s in stats), sum(s.st_blocks * 512 for s in stats)
+
+
+def write_formats(ctx: BuildContext, backends: Mapping[str, OutputFormat] | None = None) -> None:
+    """Write the spec's formats from ctx.disk; backends replaces the standard backend of a
+    format (the Packer path's "tart" is the VM Tart built, nvram.bin included)."""
+    out = ctx.outputs_dir
+    out.mkdir()
+    outputs: dict[str, Any] = {}
+    plan = ctx.cache_plan
+    job = ctx.format_job()
+    # Hash the raw disk on the second core while the formats are written.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        raw_digest = pool.submit(sha256_file, ctx.disk)
+        for name in ctx.spec.formats:
+            key = plan.keys.formats[name] if plan is not None else None
+            if plan and plan.read and key and _link_cached_format(ctx, plan, key, outputs, name):
+                ctx.record(f"formats/{name}", "cached")
+                continue
+            backend = (backends or {}).get(name) or output_format(name)
+            log.info("format %s: writing", name)
+            written = backend.write(job)
+            outputs[name] = {"file": written.path.name}
+            if plan is not None and key is not None:
+                plan.cache.put(
+                    "formats",
+                    key,
+                    {written.path.name: written.path},
+                    {"file": written.path.name, "format": name},
+                    scratch=ctx.work,
+                )
+                ctx.record(f"formats/{name}", "built")
+        disk = ctx.disk.stat()
+        known = {(disk.st_dev, disk.st_ino): raw_digest.result()}
+        for entry in outputs.values():
+            path = out / entry["file"]
+            size, allocated = _allocated(path)
+            entry.update(
+                {"size": size, "allocated": allocated, "sha256": output_digest(path, known)}
+            )
+            if path.is_dir():
+                entry["files"] = file_digests(path, known)
+    ctx.facts["outputs"] = outputs
+
+
+def _link_cached_format(
+    ctx: BuildContext, plan: CachePlan, key: str, outputs: dict[str, Any], name: str
+) -> bool:
+    """Link a format's cached output into the version, if the cache has it."""
+    with plan.cache.locked(exclusive=False):  # no prune between the check and the link
+        entry = plan.cache.get("formats", key)
+        if entry is None:
+            return False
+        file_name = str(entry.facts["file"])
+        if not is_plain_file_name(file_name):
+            return False
+        link_tree(entry.file(file_name), ctx.outputs_dir / file_name)
+    outputs[name] = {"file": file_name}
+    return True
+
+
+def version_id(outputs: Mapping[str, Any]) -> str:
+    """A version is named by its outputs' bytes: the same bytes, the same version."""
+    return hashlib.sha256(
+        "".join(f"{n}:{o['sha256']}" for n, o in sorted(outputs.items())).encode()
+    ).hexdigest()[:12]
+
+
+def manifest(ctx: BuildContext, started: float) -> dict[str, Any]:
+    return {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "rockpool_version": rockpool.__version__,
+        "input_digest": ctx.input_digest,
+        "source_date_epoch": ctx.source_date_epoch,
+        "architecture": ctx.spec.architecture,
+        "suite": ctx.spec.suite,
+        "user": ctx.spec.user,
+        "spec": ctx.spec.to_json(),
+        "builder": ctx.facts.get("builder", {"name": "mmdebstrap"}),
+        "packages": ctx.facts.get("packages", {}),
+        "kernel": ctx.facts.get("kernel"),
+        "disk": ctx.facts.get("disk", {}),
+        "outputs": ctx.facts["outputs"],
+        "stages": ctx.facts.get("stages", {}),
+        "verification": ctx.facts.get(
+            "verification", {"verified": False, "skipped": "this builder does not boot-verify"}
+        ),
+        "stage_seconds": ctx.stage_seconds,
+        "build_seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def land(ctx: BuildContext, started: float) -> Version:
+    copy_private(ctx.log_path, ctx.outputs_dir / "build.log")
+    if ctx.listing.is_file():
+        shutil.copyfile(ctx.listing, ctx.outputs_dir / LISTING)
+    return ctx.store.land(
+        ctx.spec.name, version_id(ctx.facts["outputs"]), ctx.outputs_dir, manifest(ctx, started)
+    )
+
+
+def is_verified(version: Version) -> bool:
+    verification = version.manifest.get("verification")
+    return isinstance(verification, dict) and verification.get("verified") is True
