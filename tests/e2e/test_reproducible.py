@@ -116,7 +116,7 @@ def test_a_setup_script_change_reuses_the_bootstrap(home_a: Path, specs: Path) -
     assert stages(tuned) == {
         "preflight": "built",
         "bootstrap": "cached",
-        "provision/runtime": "cached",  # Node.js and npm from the earlier build
+        "provision/node": "cached",  # Node.js and npm from the earlier build
         "provision": "built",
         "disk": "built",
         "formats/raw": "built",
@@ -176,7 +176,7 @@ def test_a_damaged_cache_entry_is_rebuilt_not_used(home_a: Path) -> None:
     assert {row["stage"] for row in listed["entries"]} == {
         "bootstrap",
         "provision",
-        "runtime",
+        "node",
         "disk",
         "formats",
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from rockpool.command import run
-from rockpool.formats import FormatJob, Output, OutputFormat
+from rockpool.formats.base import FormatJob, Output, OutputFormat
 
 _PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rockpool.files import link_or_copy
-from rockpool.formats import FormatJob, Output, OutputFormat
+from rockpool.formats.base import FormatJob, Output, OutputFormat
 
 
 class RawFormat(OutputFormat):

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from rockpool.files import link_or_copy
-from rockpool.formats import FormatJob, Output, OutputFormat
+from rockpool.formats.base import FormatJob, Output, OutputFormat
 
 CONFIG = "config.json"
 DISK = "disk.img"

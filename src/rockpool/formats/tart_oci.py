@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.files import link_or_copy
-from rockpool.formats import FormatJob, Output, OutputFormat, apple_lz4
+from rockpool.formats import apple_lz4
+from rockpool.formats.base import FormatJob, Output, OutputFormat
 from rockpool.formats.tart import config_bytes
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
