@@ -31,11 +31,15 @@ from rockpool.keys import KEYS_LIMIT, check_authorized_keys
 from rockpool.progress import Reporter
 from rockpool.runtime.base import PortForward, Runtime, Workspace
 from rockpool.runtime.qemu import QemuRuntime
-from rockpool.spec import DEFAULT_SPEC, default_spec_path, load_spec
+from rockpool.spec import DEFAULT_SPEC, PACKAGE_REFERENCE, default_spec_path, load_spec
 from rockpool.store import Store, Version
 from rockpool.units import format_size
 
 Handler = Callable[[argparse.Namespace, Reporter], Any]
+DEFAULT_SPEC_HELP = (
+    f"default: ./{DEFAULT_SPEC} if there is one here, "
+    f"else the packaged {PACKAGE_REFERENCE}{DEFAULT_SPEC.name}"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -471,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, parser_class=_Parser
     )
     p = image.add_parser("build", parents=[json_flag], help="build an image from a spec")
-    p.add_argument("spec", nargs="?", help=f"default: {DEFAULT_SPEC}")
+    p.add_argument("spec", nargs="?", help=DEFAULT_SPEC_HELP)
     p.add_argument(
         "--force",
         action="store_true",
@@ -508,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[json_flag],
         help="resolve a spec to exact package versions and write its lock file beside it",
     )
-    p.add_argument("spec", nargs="?", help=f"default: {DEFAULT_SPEC}")
+    p.add_argument("spec", nargs="?", help=DEFAULT_SPEC_HELP)
     p.add_argument("--ca-bundle", help="CA bundle for registries (default: the host's)")
     p.set_defaults(handler=cmd_image_lock)
     p = image.add_parser("ls", parents=[json_flag], help="list stored image versions")
@@ -522,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, parser_class=_Parser
     )
     p = spec.add_parser("check", parents=[json_flag], help="validate a spec and show it resolved")
-    p.add_argument("spec", nargs="?", help=f"default: {DEFAULT_SPEC}")
+    p.add_argument("spec", nargs="?", help=DEFAULT_SPEC_HELP)
     p.set_defaults(handler=cmd_spec_check)
 
     p = groups.add_parser(

@@ -28,6 +28,13 @@ MAX_DISK = 2 << 40
 MIN_MEMORY = 1 << 30
 RESERVED_USERS = {"root", "daemon", "bin", "sys", "sync", "nobody", "sshd", "messagebus", "systemd"}
 DEFAULT_SPEC = Path("images/workspace.toml")
+# The specs, lock and setup.sh rockpool ships: real files in the package directory, for a
+# build needs paths (the lock lies beside its spec, setup.sh is copied into the root).
+PACKAGED_SPECS = Path(__file__).resolve().parent / "images"
+# extends = "rockpool:NAME" names a packaged spec: a variant then works wherever it lies,
+# and after an upgrade of rockpool, without naming the installation's path.
+PACKAGE_REFERENCE = "rockpool:"
+REINSTALL = "reinstall rockpool (pipx reinstall rockpool-images, or pip install --force-reinstall)"
 # code_server.version = "none": an image without code-server or its build tools, for
 # tests of everything else (an emulated arm64 build skips its native modules).
 NO_CODE_SERVER = "none"
@@ -77,18 +84,24 @@ class ImageSpec:
 
 
 def default_spec_path() -> Path:
-    """images/workspace.toml in the current directory, else in the checkout rockpool runs from."""
-    candidates = [Path.cwd() / DEFAULT_SPEC, Path(__file__).resolve().parents[2] / DEFAULT_SPEC]
-    for candidate in candidates:
+    """./images/workspace.toml when the current directory has one (a checkout, or a
+    project laid out as one), else the default spec packaged with rockpool."""
+    packaged = PACKAGED_SPECS / DEFAULT_SPEC.name
+    for candidate in (Path.cwd() / DEFAULT_SPEC, packaged):
         if candidate.is_file():
             return candidate
     raise SpecError(
         DEFAULT_SPEC,
         None,
         "no spec given, and the default spec is not here",
-        hint="pass the spec's path (rockpool image build PATH/images/workspace.toml), "
-        "or run from the rockpool checkout",
+        hint=f"pass a spec's path; rockpool's own default spec ({packaged}) is missing: "
+        + REINSTALL,
     )
+
+
+def packaged_spec_names() -> list[str]:
+    """The specs rockpool ships, by file name (what follows rockpool: in `extends`)."""
+    return sorted(p.name for p in PACKAGED_SPECS.glob("*.toml") if p.is_file())
 
 
 # ---- schema -----------------------------------------------------------------------------
@@ -314,10 +327,28 @@ def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[_Layer]:
     layer = _validate_layer(path, document)
     if "extends" not in document:
         return [layer]
-    parent = (path.parent / document["extends"]).resolve()
+    return [*_load_layers(_extended(path, document["extends"]), (*seen, path)), layer]
+
+
+def _extended(path: Path, reference: str) -> Path:
+    """The spec path's `extends` names: rockpool:NAME is a packaged spec, anything else a
+    path relative to path's directory."""
+    if reference.startswith(PACKAGE_REFERENCE):
+        name = reference.removeprefix(PACKAGE_REFERENCE)
+        packaged = packaged_spec_names()
+        if name not in packaged:
+            known = ", ".join(PACKAGE_REFERENCE + n for n in packaged)
+            raise SpecError(
+                path,
+                "extends",
+                f"rockpool has no packaged spec '{name}' (in {PACKAGED_SPECS})",
+                hint=f"extend one of: {known}" if known else f"its specs are missing: {REINSTALL}",
+            )
+        return PACKAGED_SPECS / name
+    parent = (path.parent / reference).resolve()
     if not parent.exists():
         raise SpecError(path, "extends", f"the spec it extends does not exist: {parent}")
-    return [*_load_layers(parent, (*seen, path)), layer]
+    return parent
 
 
 def load_spec(path: Path) -> ImageSpec:

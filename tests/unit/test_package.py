@@ -1,0 +1,79 @@
+"""An installed rockpool works on its own: the default specs, their lock and setup.sh ship
+in the package, `extends = "rockpool:NAME"` names them from anywhere, and a wheel
+installed into a fresh venv checks and starts specs from any directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rockpool import cli, spec
+from rockpool.errors import SpecError
+from rockpool.spec import PACKAGED_SPECS, default_spec_path, load_spec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_checkout_images_are_the_packaged_ones() -> None:
+    # images/ is a link into the package, so every path under images/ keeps working.
+    assert (REPO / "images").is_symlink()
+    assert (REPO / "images" / "workspace.toml").resolve() == PACKAGED_SPECS / "workspace.toml"
+    assert spec.packaged_spec_names() == ["workspace-arm64.toml", "workspace.toml"]
+    for name in ("workspace.lock.json", "scripts/setup.sh"):
+        assert (PACKAGED_SPECS / name).is_file(), name
+
+
+def test_without_a_spec_here_the_default_is_the_packaged_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert default_spec_path() == PACKAGED_SPECS / "workspace.toml"
+    own = tmp_path / "images" / "workspace.toml"
+    own.parent.mkdir()
+    own.write_text("")
+    assert default_spec_path() == tmp_path / "images" / "workspace.toml"  # ./images/ wins
+
+
+def test_no_default_spec_anywhere_is_exit_2_with_a_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(spec, "PACKAGED_SPECS", tmp_path / "broken-install")
+    assert cli.main(["spec", "check"]) == 2
+    stderr = capsys.readouterr().err
+    assert "no spec given, and the default spec is not here" in stderr
+    assert "hint: pass a spec's path" in stderr and "reinstall rockpool" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_extends_names_a_packaged_spec(tmp_path: Path) -> None:
+    variant = tmp_path / "mine.toml"
+    variant.write_text('extends = "rockpool:workspace-arm64.toml"\n[image]\nname = "mine"\n')
+    loaded = load_spec(variant)
+    assert loaded.name == "mine" and loaded.architecture == "arm64"
+    assert loaded.extends == (
+        PACKAGED_SPECS / "workspace.toml",
+        PACKAGED_SPECS / "workspace-arm64.toml",
+    )
+    assert loaded.setup_script == PACKAGED_SPECS / "scripts" / "setup.sh"
+    # The variant's own script resolves relative to the variant, as any path in it does.
+    (tmp_path / "my-setup.sh").write_text("#!/bin/bash\n")
+    variant.write_text(
+        'extends = "rockpool:workspace.toml"\n[image]\nname = "mine"\n'
+        '[provision]\nscript = "my-setup.sh"\n'
+    )
+    assert load_spec(variant).setup_script == tmp_path / "my-setup.sh"
+
+
+@pytest.mark.parametrize("name", ["nope.toml", "", "../workspace.toml", "scripts/setup.sh"])
+def test_extends_of_a_spec_rockpool_does_not_ship_is_a_spec_error(
+    tmp_path: Path, name: str
+) -> None:
+    variant = tmp_path / "mine.toml"
+    variant.write_text(f'extends = "rockpool:{name}"\n[image]\nname = "mine"\n')
+    with pytest.raises(SpecError) as caught:
+        load_spec(variant)
+    assert caught.value.path == variant.resolve() and caught.value.key == "extends"
+    assert f"rockpool has no packaged spec '{name}'" in caught.value.message
+    assert caught.value.hint is not None and "rockpool:workspace.toml" in caught.value.hint
