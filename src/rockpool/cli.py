@@ -31,7 +31,13 @@ from rockpool.keys import KEYS_LIMIT, check_authorized_keys
 from rockpool.progress import Reporter
 from rockpool.runtime.base import PortForward, Runtime, Workspace
 from rockpool.runtime.qemu import QemuRuntime
-from rockpool.spec import DEFAULT_SPEC, PACKAGE_REFERENCE, default_spec_path, load_spec
+from rockpool.spec import (
+    DEFAULT_SPEC,
+    PACKAGE_REFERENCE,
+    default_spec_path,
+    init_variant,
+    load_spec,
+)
 from rockpool.store import Store, Version
 from rockpool.units import format_size
 
@@ -213,6 +219,12 @@ def cmd_spec_check(args: argparse.Namespace, reporter: Reporter) -> int:
         f"{spec.path}: valid ({spec.name}, {spec.suite}, "
         f"{spec.architecture}, {format_size(spec.disk_size)}, {len(spec.packages)} packages)",
     )
+    return 0
+
+
+def cmd_spec_init(args: argparse.Namespace, reporter: Reporter) -> int:
+    written = init_variant(Path(args.file), arm64=args.arm64, force=args.force)
+    _emit(args, written, args.file)
     return 0
 
 
@@ -528,6 +540,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = spec.add_parser("check", parents=[json_flag], help="validate a spec and show it resolved")
     p.add_argument("spec", nargs="?", help=DEFAULT_SPEC_HELP)
     p.set_defaults(handler=cmd_spec_check)
+    p = spec.add_parser(
+        "init",
+        parents=[json_flag],
+        help=f"write a variant spec that extends the packaged {DEFAULT_SPEC.name}, to start from",
+    )
+    p.add_argument("file", metavar="FILE", help="the spec to write, e.g. my.toml")
+    p.add_argument("--arm64", action="store_true", help="extend the arm64 spec (Tart) instead")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(handler=cmd_spec_init)
 
     p = groups.add_parser(
         "config-disk",

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tomllib
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ DEFAULT_SPEC = Path("images/workspace.toml")
 # The specs, lock and setup.sh rockpool ships: real files in the package directory, for a
 # build needs paths (the lock lies beside its spec, setup.sh is copied into the root).
 PACKAGED_SPECS = Path(__file__).resolve().parent / "images"
+ARM64_SPEC_NAME = "workspace-arm64.toml"
 # extends = "rockpool:NAME" names a packaged spec: a variant then works wherever it lies,
 # and after an upgrade of rockpool, without naming the installation's path.
 PACKAGE_REFERENCE = "rockpool:"
@@ -428,3 +431,77 @@ def spec_digest(spec: ImageSpec, *extra: str) -> str:
     """sha256 over the spec's resolved inputs plus anything else the build depends on."""
     payload = json.dumps([spec.digest_inputs(), *extra], sort_keys=True).encode()
     return hashlib.sha256(payload).hexdigest()
+
+
+# ---- variants ---------------------------------------------------------------------------
+
+VARIANT_TEMPLATE = """\
+# A variant of rockpool's {base} image: it starts from the {base} spec that the
+# installed rockpool ships, and changes only what is set here. Every key is
+# documented in rockpool's docs/spec.md.
+# Show it resolved:  rockpool spec check {file}
+# Build it:          sudo rockpool image build {file}
+# Pin its packages:  sudo rockpool image lock {file}   (writes a lock beside it)
+extends = "{extends}"
+
+[image]
+# The image's name in the store: its own, so that its versions are not the base's.
+name = "{name}"
+description = "{base}, with my changes"
+# disk_size = "40G"
+# formats = {formats}
+
+[debian]
+# On top of the packages of {base}; a removed one must be one of them.
+# add_packages = ["htop", "ripgrep"]
+# remove_packages = ["zip"]
+
+# Defaults for the VMs made from this image:
+# [workspace]
+# cpus = 4
+# memory = "8G"
+
+# Another provisioning script instead of rockpool's setup.sh, relative to this file;
+# it must do what setup.sh does for the init contract (docs/init-contract.md).
+# [provision]
+# script = "setup.sh"
+"""
+
+
+def init_variant(path: Path, *, arm64: bool = False, force: bool = False) -> dict[str, str]:
+    """Write a small commented variant spec at path that extends the packaged default
+    (or arm64) spec. An existing path is left alone unless force."""
+    reference = PACKAGE_REFERENCE + (ARM64_SPEC_NAME if arm64 else DEFAULT_SPEC.name)
+    exists = SpecError(
+        path,
+        None,
+        "exists already; nothing was written",
+        hint="give another file name, or pass --force to replace it",
+    )
+    if not force and os.path.lexists(path):
+        raise exists
+    base = load_spec(_extended(path, reference))  # a broken installation fails here, clearly
+    # The variant's own name, so that its versions do not land among a packaged image's.
+    taken = {base.name, *(Path(n).stem for n in packaged_spec_names())}
+    name = path.stem if is_slug(path.stem) and path.stem not in taken else f"{base.name}-variant"
+    text = VARIANT_TEMPLATE.format(
+        name=name,
+        base=base.name,
+        file=path.name,
+        extends=reference,
+        formats=json.dumps(list(base.formats)),
+    )
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        if force:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # unlike a rename, never replaces a file made meanwhile
+    except FileExistsError:
+        raise exists from None
+    except OSError as exc:
+        raise SpecError(path, None, f"cannot write: {exc.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": str(path.resolve()), "name": name, "extends": reference}

@@ -4,6 +4,7 @@ installed into a fresh venv checks and starts specs from any directory."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,46 @@ def test_extends_of_a_spec_rockpool_does_not_ship_is_a_spec_error(
     assert caught.value.path == variant.resolve() and caught.value.key == "extends"
     assert f"rockpool has no packaged spec '{name}'" in caught.value.message
     assert caught.value.hint is not None and "rockpool:workspace.toml" in caught.value.hint
+
+
+def test_spec_init_writes_a_variant_of_the_packaged_spec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["spec", "init", "mine.toml", "--json"]) == 0
+    written = json.loads(capsys.readouterr().out)
+    target = tmp_path / "mine.toml"
+    assert written == {"path": str(target), "name": "mine", "extends": "rockpool:workspace.toml"}
+    text = target.read_text()
+    assert 'extends = "rockpool:workspace.toml"' in text and str(PACKAGED_SPECS) not in text
+    variant, default = load_spec(target), load_spec(PACKAGED_SPECS / "workspace.toml")
+    assert variant.name == "mine" and variant.extends == (default.path,)
+    assert (variant.packages, variant.setup_script) == (default.packages, default.setup_script)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.toml"]  # no temporary left
+
+    assert cli.main(["spec", "init", "arm.toml", "--arm64"]) == 0
+    assert capsys.readouterr().out == "arm.toml\n"
+    arm = load_spec(tmp_path / "arm.toml")
+    assert arm.architecture == "arm64" and arm.formats == ("tart", "tart-oci", "qcow2")
+    # A file named like a packaged image still gets a name of its own.
+    assert cli.main(["spec", "init", "workspace.toml"]) == 0
+    assert load_spec(tmp_path / "workspace.toml").name == "workspace-variant"
+
+
+def test_spec_init_never_overwrites_without_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "mine.toml"
+    target.write_text("# my own work\n")
+    assert cli.main(["spec", "init", "mine.toml"]) == 2
+    stderr = capsys.readouterr().err
+    assert "mine.toml: exists already; nothing was written" in stderr and "--force" in stderr
+    assert "Traceback" not in stderr
+    assert target.read_text() == "# my own work\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.toml"]
+    assert cli.main(["spec", "init", "mine.toml", "--force"]) == 0
+    assert load_spec(target).name == "mine"
+    # A directory that is not there: one clear error, nothing written.
+    assert cli.main(["spec", "init", "gone/mine.toml"]) == 2
+    assert "gone/mine.toml: cannot write: No such file or directory" in capsys.readouterr().err
