@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import site
 import tomllib
 import uuid
 from collections.abc import Callable
@@ -105,6 +106,15 @@ def default_spec_path() -> Path:
 def packaged_spec_names() -> list[str]:
     """The specs rockpool ships, by file name (what follows rockpool: in `extends`)."""
     return sorted(p.name for p in PACKAGED_SPECS.glob("*.toml") if p.is_file())
+
+
+def is_installed_spec(path: Path) -> bool:
+    """Whether path is a spec of an installed rockpool (under site-packages, not in a
+    checkout): what is written beside it belongs to the installation and goes with it."""
+    if not path.resolve().is_relative_to(PACKAGED_SPECS):
+        return False
+    sites = [*site.getsitepackages(), site.getusersitepackages()]
+    return any(PACKAGED_SPECS.is_relative_to(Path(s).resolve()) for s in sites)
 
 
 # ---- schema -----------------------------------------------------------------------------

@@ -5,6 +5,8 @@ installed into a fresh venv checks and starts specs from any directory."""
 from __future__ import annotations
 
 import json
+import os
+import site
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,45 @@ def test_spec_init_never_overwrites_without_force(
     # A directory that is not there: one clear error, nothing written.
     assert cli.main(["spec", "init", "gone/mine.toml"]) == 2
     assert "gone/mine.toml: cannot write: No such file or directory" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock that is refused must be refused before its slow resolving build."""
+    from rockpool.build import locking
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the resolving build started")
+
+    monkeypatch.setattr(locking, "lock_spec", fail)
+
+
+@pytest.mark.usefixtures("no_build")
+def test_lock_of_an_installed_spec_is_refused_with_a_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert not spec.is_installed_spec(REPO / "images" / "workspace.toml")  # a checkout locks
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ROCKPOOL_HOME", str(tmp_path / "store"))
+    monkeypatch.setattr(site, "getsitepackages", lambda: [str(REPO / "src")])  # "installed"
+    assert spec.is_installed_spec(PACKAGED_SPECS / "workspace-arm64.toml")
+    assert cli.main(["image", "lock", "--json"]) == 2
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["kind"] == "InvalidInput" and "spec of the installed rockpool" in error["message"]
+    assert str(PACKAGED_SPECS / "workspace.toml") in error["message"]
+    assert "rockpool spec init my.toml" in error["hint"]
+    assert "rockpool image lock my.toml" in error["hint"]
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.usefixtures("no_build")
+def test_lock_beside_a_spec_in_a_read_only_directory_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["spec", "init", "mine.toml"]) == 0
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    assert cli.main(["image", "lock", "mine.toml"]) == 2
+    stderr = capsys.readouterr().err
+    assert f"cannot write the lock {tmp_path / 'mine.lock.json'}" in stderr
+    assert f"{tmp_path} is not writable" in stderr and "rockpool spec init" in stderr
