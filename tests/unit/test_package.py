@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -165,3 +169,95 @@ def test_lock_beside_a_spec_in_a_read_only_directory_is_refused(
     stderr = capsys.readouterr().err
     assert f"cannot write the lock {tmp_path / 'mine.lock.json'}" in stderr
     assert f"{tmp_path} is not writable" in stderr and "rockpool spec init" in stderr
+
+
+# ---- the installed wheel ----------------------------------------------------------------
+
+# What building the wheel reads; built from a copy, so that the build's build/ and
+# *.egg-info never land in the checkout.
+WHEEL_SOURCES = ("pyproject.toml", "README.md", "src")
+PACKAGED = ("workspace.toml", "workspace.lock.json", "workspace-arm64.toml", "scripts/setup.sh")
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The environment without what would import the checkout instead of the wheel."""
+    leaks = {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "VIRTUAL_ENV"}
+    env = {k: v for k, v in os.environ.items() if k not in leaks}
+    return {**env, "PYTHONNOUSERSITE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1", **extra}
+
+
+def _run(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _checked(argv: list[str], cwd: Path, env: dict[str, str]) -> str:
+    result = _run(argv, cwd, env)
+    assert result.returncode == 0, f"{argv}: {result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def _tree(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir()} | {f"src/{p.name}" for p in (root / "src").iterdir()}
+
+
+def test_an_installed_wheel_works_outside_the_checkout(tmp_path: Path) -> None:
+    """pip wheel, then pip install into a fresh venv (setuptools and the dependencies come
+    from PyPI, as for scripts/setup-host.sh; its Python has venv and ensurepip)."""
+    before = _tree(REPO)
+    source, wheels, venv = tmp_path / "source", tmp_path / "wheels", tmp_path / "venv"
+    source.mkdir()
+    for name in WHEEL_SOURCES:
+        if (REPO / name).is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+            shutil.copytree(REPO / name, source / name, ignore=ignore)
+        else:
+            shutil.copy2(REPO / name, source / name)
+    env = _clean_env()
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels)]
+    _checked([*pip_wheel, str(source)], tmp_path, env)
+    (wheel,) = wheels.glob("rockpool_images-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        for name in PACKAGED:
+            packaged = archive.read(f"rockpool/images/{name}")
+            assert packaged == (REPO / "images" / name).read_bytes(), name
+        assert "rockpool/cli.py" in archive.namelist()
+
+    # A fresh venv that sees neither the checkout nor this venv: the wheel and its
+    # dependencies from PyPI only.
+    _checked([sys.executable, "-m", "venv", str(venv)], tmp_path, env)
+    python, rockpool = venv / "bin" / "python", venv / "bin" / "rockpool"
+    _checked([str(python), "-m", "pip", "install", "-q", str(wheel)], tmp_path, env)
+    purelib = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    site_packages = Path(_checked([str(python), "-c", purelib], tmp_path, env).strip()).resolve()
+    assert site_packages.is_relative_to(venv.resolve())
+
+    outside = tmp_path / "elsewhere"  # no images/ here, nor above
+    outside.mkdir()
+    env = _clean_env(ROCKPOOL_HOME=str(tmp_path / "store"))
+    checked = json.loads(_checked([str(rockpool), "spec", "check", "--json"], outside, env))
+    packaged_spec = site_packages / "rockpool" / "images" / "workspace.toml"
+    assert checked["name"] == "workspace" and checked["path"] == str(packaged_spec)
+    assert checked["setup_script"] == str(site_packages / "rockpool/images/scripts/setup.sh")
+
+    _checked([str(rockpool), "spec", "init", "variant.toml"], outside, env)
+    assert str(site_packages) not in (outside / "variant.toml").read_text()  # upgrades keep it
+    variant = json.loads(
+        _checked([str(rockpool), "spec", "check", "variant.toml", "--json"], outside, env)
+    )
+    assert variant["name"] == "variant" and variant["path"] == str(outside / "variant.toml")
+    assert variant["extends"] == [str(packaged_spec)]
+    assert variant["packages"] == checked["packages"]
+
+    usage = _checked([str(rockpool), "image", "build", "--help"], outside, env)
+    assert "default: ./images/workspace.toml if there is one here" in " ".join(usage.split())
+
+    # Locking the packaged spec is refused before any build (the bad CA bundle stops a
+    # build at once, should the refusal ever be missing).
+    lock = [str(rockpool), "image", "lock", "--ca-bundle", str(tmp_path / "no-bundle.pem")]
+    refused = _run(lock, outside, env)
+    assert refused.returncode == 2, refused.stderr
+    assert f"{packaged_spec} is a spec of the installed rockpool" in refused.stderr
+    assert "hint: lock a variant of your own: rockpool spec init my.toml" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert sorted(p.name for p in outside.iterdir()) == ["variant.toml"]
+    assert _tree(REPO) == before  # the build left nothing in the checkout
