@@ -28,14 +28,27 @@ from rockpool.errors import (
 )
 from rockpool.files import NotRegularFile, TooLarge, read_regular
 from rockpool.keys import KEYS_LIMIT, check_authorized_keys
+from rockpool.lock import lock_path
 from rockpool.progress import Reporter
 from rockpool.runtime.base import PortForward, Runtime, Workspace
 from rockpool.runtime.qemu import QemuRuntime
-from rockpool.spec import DEFAULT_SPEC, default_spec_path, load_spec
+from rockpool.spec import (
+    DEFAULT_SPEC,
+    PACKAGE_REFERENCE,
+    ImageSpec,
+    default_spec_path,
+    init_variant,
+    is_installed_spec,
+    load_spec,
+)
 from rockpool.store import Store, Version
 from rockpool.units import format_size
 
 Handler = Callable[[argparse.Namespace, Reporter], Any]
+DEFAULT_SPEC_HELP = (
+    f"default: ./{DEFAULT_SPEC} if there is one here, "
+    f"else the packaged {PACKAGE_REFERENCE}{DEFAULT_SPEC.name}"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,10 +102,27 @@ def cmd_image_build(args: argparse.Namespace, reporter: Reporter) -> int:
     return 0
 
 
+def _check_lock_target(spec: ImageSpec) -> None:
+    """Refuse, before the slow resolving build, a lock that cannot or should not be written."""
+    target = lock_path(spec)
+    hint = "lock a variant of your own: rockpool spec init my.toml; rockpool image lock my.toml"
+    if is_installed_spec(spec.path):
+        raise InvalidInput(
+            f"{spec.path} is a spec of the installed rockpool: its lock ships with it, and "
+            "one written there would be replaced by the next upgrade",
+            hint=hint,
+        )
+    if not os.access(target.parent, os.W_OK):
+        raise InvalidInput(
+            f"cannot write the lock {target}: {target.parent} is not writable", hint=hint
+        )
+
+
 def cmd_image_lock(args: argparse.Namespace, reporter: Reporter) -> int:
     from rockpool.build.locking import lock_spec
 
     spec = load_spec(Path(args.spec) if args.spec else default_spec_path())
+    _check_lock_target(spec)
     path, result = lock_spec(
         spec,
         Store.default(),
@@ -209,6 +239,12 @@ def cmd_spec_check(args: argparse.Namespace, reporter: Reporter) -> int:
         f"{spec.path}: valid ({spec.name}, {spec.suite}, "
         f"{spec.architecture}, {format_size(spec.disk_size)}, {len(spec.packages)} packages)",
     )
+    return 0
+
+
+def cmd_spec_init(args: argparse.Namespace, reporter: Reporter) -> int:
+    written = init_variant(Path(args.file), arm64=args.arm64, force=args.force)
+    _emit(args, written, args.file)
     return 0
 
 
@@ -471,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, parser_class=_Parser
     )
     p = image.add_parser("build", parents=[json_flag], help="build an image from a spec")
-    p.add_argument("spec", nargs="?", help=f"default: {DEFAULT_SPEC}")
+    p.add_argument("spec", nargs="?", help=DEFAULT_SPEC_HELP)
     p.add_argument(
         "--force",
         action="store_true",
@@ -508,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[json_flag],
         help="resolve a spec to exact package versions and write its lock file beside it",
     )
-    p.add_argument("spec", nargs="?", help=f"default: {DEFAULT_SPEC}")
+    p.add_argument("spec", nargs="?", help=DEFAULT_SPEC_HELP)
     p.add_argument("--ca-bundle", help="CA bundle for registries (default: the host's)")
     p.set_defaults(handler=cmd_image_lock)
     p = image.add_parser("ls", parents=[json_flag], help="list stored image versions")
@@ -522,8 +558,17 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, parser_class=_Parser
     )
     p = spec.add_parser("check", parents=[json_flag], help="validate a spec and show it resolved")
-    p.add_argument("spec", nargs="?", help=f"default: {DEFAULT_SPEC}")
+    p.add_argument("spec", nargs="?", help=DEFAULT_SPEC_HELP)
     p.set_defaults(handler=cmd_spec_check)
+    p = spec.add_parser(
+        "init",
+        parents=[json_flag],
+        help=f"write a variant spec that extends the packaged {DEFAULT_SPEC.name}, to start from",
+    )
+    p.add_argument("file", metavar="FILE", help="the spec to write, e.g. my.toml")
+    p.add_argument("--arm64", action="store_true", help="extend the arm64 spec (Tart) instead")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(handler=cmd_spec_init)
 
     p = groups.add_parser(
         "config-disk",

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import site
 import tomllib
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +31,14 @@ MAX_DISK = 2 << 40
 MIN_MEMORY = 1 << 30
 RESERVED_USERS = {"root", "daemon", "bin", "sys", "sync", "nobody", "sshd", "messagebus", "systemd"}
 DEFAULT_SPEC = Path("images/workspace.toml")
+# The specs, lock and setup.sh rockpool ships: real files in the package directory, for a
+# build needs paths (the lock lies beside its spec, setup.sh is copied into the root).
+PACKAGED_SPECS = Path(__file__).resolve().parent / "images"
+ARM64_SPEC_NAME = "workspace-arm64.toml"
+# extends = "rockpool:NAME" names a packaged spec: a variant then works wherever it lies,
+# and after an upgrade of rockpool, without naming the installation's path.
+PACKAGE_REFERENCE = "rockpool:"
+REINSTALL = "reinstall rockpool (pipx reinstall rockpool-images, or pip install --force-reinstall)"
 # code_server.version = "none": an image without code-server or its build tools, for
 # tests of everything else (an emulated arm64 build skips its native modules).
 NO_CODE_SERVER = "none"
@@ -77,18 +88,33 @@ class ImageSpec:
 
 
 def default_spec_path() -> Path:
-    """images/workspace.toml in the current directory, else in the checkout rockpool runs from."""
-    candidates = [Path.cwd() / DEFAULT_SPEC, Path(__file__).resolve().parents[2] / DEFAULT_SPEC]
-    for candidate in candidates:
+    """./images/workspace.toml when the current directory has one (a checkout, or a
+    project laid out as one), else the default spec packaged with rockpool."""
+    packaged = PACKAGED_SPECS / DEFAULT_SPEC.name
+    for candidate in (Path.cwd() / DEFAULT_SPEC, packaged):
         if candidate.is_file():
             return candidate
     raise SpecError(
         DEFAULT_SPEC,
         None,
         "no spec given, and the default spec is not here",
-        hint="pass the spec's path (rockpool image build PATH/images/workspace.toml), "
-        "or run from the rockpool checkout",
+        hint=f"pass a spec's path; rockpool's own default spec ({packaged}) is missing: "
+        + REINSTALL,
     )
+
+
+def packaged_spec_names() -> list[str]:
+    """The specs rockpool ships, by file name (what follows rockpool: in `extends`)."""
+    return sorted(p.name for p in PACKAGED_SPECS.glob("*.toml") if p.is_file())
+
+
+def is_installed_spec(path: Path) -> bool:
+    """Whether path is a spec of an installed rockpool (under site-packages, not in a
+    checkout): what is written beside it belongs to the installation and goes with it."""
+    if not path.resolve().is_relative_to(PACKAGED_SPECS):
+        return False
+    sites = [*site.getsitepackages(), site.getusersitepackages()]
+    return any(PACKAGED_SPECS.is_relative_to(Path(s).resolve()) for s in sites)
 
 
 # ---- schema -----------------------------------------------------------------------------
@@ -314,10 +340,28 @@ def _load_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[_Layer]:
     layer = _validate_layer(path, document)
     if "extends" not in document:
         return [layer]
-    parent = (path.parent / document["extends"]).resolve()
+    return [*_load_layers(_extended(path, document["extends"]), (*seen, path)), layer]
+
+
+def _extended(path: Path, reference: str) -> Path:
+    """The spec path's `extends` names: rockpool:NAME is a packaged spec, anything else a
+    path relative to path's directory."""
+    if reference.startswith(PACKAGE_REFERENCE):
+        name = reference.removeprefix(PACKAGE_REFERENCE)
+        packaged = packaged_spec_names()
+        if name not in packaged:
+            known = ", ".join(PACKAGE_REFERENCE + n for n in packaged)
+            raise SpecError(
+                path,
+                "extends",
+                f"rockpool has no packaged spec '{name}' (in {PACKAGED_SPECS})",
+                hint=f"extend one of: {known}" if known else f"its specs are missing: {REINSTALL}",
+            )
+        return PACKAGED_SPECS / name
+    parent = (path.parent / reference).resolve()
     if not parent.exists():
         raise SpecError(path, "extends", f"the spec it extends does not exist: {parent}")
-    return [*_load_layers(parent, (*seen, path)), layer]
+    return parent
 
 
 def load_spec(path: Path) -> ImageSpec:
@@ -397,3 +441,77 @@ def spec_digest(spec: ImageSpec, *extra: str) -> str:
     """sha256 over the spec's resolved inputs plus anything else the build depends on."""
     payload = json.dumps([spec.digest_inputs(), *extra], sort_keys=True).encode()
     return hashlib.sha256(payload).hexdigest()
+
+
+# ---- variants ---------------------------------------------------------------------------
+
+VARIANT_TEMPLATE = """\
+# A variant of rockpool's {base} image: it starts from the {base} spec that the
+# installed rockpool ships, and changes only what is set here. Every key is
+# documented in rockpool's docs/spec.md.
+# Show it resolved:  rockpool spec check {file}
+# Build it:          sudo rockpool image build {file}
+# Pin its packages:  sudo rockpool image lock {file}   (writes a lock beside it)
+extends = "{extends}"
+
+[image]
+# The image's name in the store: its own, so that its versions are not the base's.
+name = "{name}"
+description = "{base}, with my changes"
+# disk_size = "40G"
+# formats = {formats}
+
+[debian]
+# On top of the packages of {base}; a removed one must be one of them.
+# add_packages = ["htop", "ripgrep"]
+# remove_packages = ["zip"]
+
+# Defaults for the VMs made from this image:
+# [workspace]
+# cpus = 4
+# memory = "8G"
+
+# Another provisioning script instead of rockpool's setup.sh, relative to this file;
+# it must do what setup.sh does for the init contract (docs/init-contract.md).
+# [provision]
+# script = "setup.sh"
+"""
+
+
+def init_variant(path: Path, *, arm64: bool = False, force: bool = False) -> dict[str, str]:
+    """Write a small commented variant spec at path that extends the packaged default
+    (or arm64) spec. An existing path is left alone unless force."""
+    reference = PACKAGE_REFERENCE + (ARM64_SPEC_NAME if arm64 else DEFAULT_SPEC.name)
+    exists = SpecError(
+        path,
+        None,
+        "exists already; nothing was written",
+        hint="give another file name, or pass --force to replace it",
+    )
+    if not force and os.path.lexists(path):
+        raise exists
+    base = load_spec(_extended(path, reference))  # a broken installation fails here, clearly
+    # The variant's own name, so that its versions do not land among a packaged image's.
+    taken = {base.name, *(Path(n).stem for n in packaged_spec_names())}
+    name = path.stem if is_slug(path.stem) and path.stem not in taken else f"{base.name}-variant"
+    text = VARIANT_TEMPLATE.format(
+        name=name,
+        base=base.name,
+        file=path.name,
+        extends=reference,
+        formats=json.dumps(list(base.formats)),
+    )
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        if force:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # unlike a rename, never replaces a file made meanwhile
+    except FileExistsError:
+        raise exists from None
+    except OSError as exc:
+        raise SpecError(path, None, f"cannot write: {exc.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": str(path.resolve()), "name": name, "extends": reference}

@@ -221,7 +221,7 @@ def test_build_with_a_stale_lock_stops_before_any_work(tmp_path: Path) -> None:
 
 def test_the_committed_default_lock_matches_the_default_spec() -> None:
     spec = load_spec(REPO / "images" / "workspace.toml")
-    assert lock_path(spec) == REPO / "images" / "workspace.lock.json"
+    assert lock_path(spec) == (REPO / "images" / "workspace.lock.json").resolve()
     lock = read_lock(spec)
     assert lock is not None, f"no {spec.architecture} entry in images/workspace.lock.json"
     check_inputs(lock, BuildPlan.resolve(spec, use_lock=False).lock_inputs)

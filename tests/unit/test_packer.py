@@ -26,7 +26,7 @@ from tests.contexts import quiet_context
 
 REPO = Path(__file__).resolve().parents[2]
 ARM64_SPEC = REPO / "images" / "workspace-arm64.toml"
-SETUP_SH = REPO / "images" / "scripts" / "setup.sh"
+SETUP_SH = (REPO / "images" / "scripts" / "setup.sh").resolve()  # images/ is a link
 BASE = "ghcr.io/cirruslabs/debian:latest"
 # python-hcl2 resolves \" and the like but keeps $${ and %%{ as written.
 OPTIONS = hcl2.SerializationOptions(

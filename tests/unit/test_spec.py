@@ -60,7 +60,7 @@ def test_default_spec_is_valid_and_has_the_kitchen_sink() -> None:
     ):
         assert package in spec.packages
     assert spec.node_major == 24
-    assert spec.setup_script == REPO / "images" / "scripts" / "setup.sh"
+    assert spec.setup_script == (REPO / "images" / "scripts" / "setup.sh").resolve()
 
 
 def test_minimal_spec_gets_defaults(spec_dir: Path) -> None:
