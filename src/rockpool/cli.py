@@ -28,17 +28,14 @@ from rockpool.errors import (
 )
 from rockpool.files import NotRegularFile, TooLarge, read_regular
 from rockpool.keys import KEYS_LIMIT, check_authorized_keys
-from rockpool.lock import lock_path
 from rockpool.progress import Reporter
 from rockpool.runtime.base import PortForward, Runtime, Workspace
 from rockpool.runtime.qemu import QemuRuntime
 from rockpool.spec import (
     DEFAULT_SPEC,
     PACKAGE_REFERENCE,
-    ImageSpec,
     default_spec_path,
     init_variant,
-    is_installed_spec,
     load_spec,
 )
 from rockpool.store import Store, Version
@@ -102,27 +99,10 @@ def cmd_image_build(args: argparse.Namespace, reporter: Reporter) -> int:
     return 0
 
 
-def _check_lock_target(spec: ImageSpec) -> None:
-    """Refuse, before the slow resolving build, a lock that cannot or should not be written."""
-    target = lock_path(spec)
-    hint = "lock a variant of your own: rockpool spec init my.toml; rockpool image lock my.toml"
-    if is_installed_spec(spec.path):
-        raise InvalidInput(
-            f"{spec.path} is a spec of the installed rockpool: its lock ships with it, and "
-            "one written there would be replaced by the next upgrade",
-            hint=hint,
-        )
-    if not os.access(target.parent, os.W_OK):
-        raise InvalidInput(
-            f"cannot write the lock {target}: {target.parent} is not writable", hint=hint
-        )
-
-
 def cmd_image_lock(args: argparse.Namespace, reporter: Reporter) -> int:
     from rockpool.build.locking import lock_spec
 
     spec = load_spec(Path(args.spec) if args.spec else default_spec_path())
-    _check_lock_target(spec)
     path, result = lock_spec(
         spec,
         Store.default(),

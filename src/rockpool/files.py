@@ -80,6 +80,21 @@ def open_private(path: Path, mode: str = "w") -> IO[Any]:
     return os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
 
 
+def write_whole(path: Path, text: str, *, replace: bool) -> None:
+    """path's content as text, whole or not at all (a temporary file, then one link or
+    rename). Without replace, FileExistsError if path exists, also if it was made
+    meanwhile: unlike a rename, a link never replaces a file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_private(path: Path, text: str) -> None:
     """path's content replaced by text, atomically and durably, in a 0600 file."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")

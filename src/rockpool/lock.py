@@ -18,6 +18,7 @@ work when a locked version is no longer available.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 from rockpool.errors import InvalidInput
 from rockpool.files import write_json_atomic
-from rockpool.spec import ImageSpec
+from rockpool.spec import ImageSpec, is_installed_spec
 
 LOCK_SCHEMA = 1
 LOCK_SUFFIX = ".lock.json"
@@ -183,6 +184,22 @@ def check_inputs(lock: Lock, current: dict[str, Any]) -> None:
             f"{lock.path} was resolved for other inputs than {lock.path.name} now asks for "
             f"(changed: {', '.join(changed)})",
             hint="update the lock with: rockpool image lock SPEC",
+        )
+
+
+def check_lock_target(spec: ImageSpec) -> None:
+    """Refuse, before the slow resolving build, a lock that cannot or should not be written."""
+    target = lock_path(spec)
+    hint = "lock a variant of your own: rockpool spec init my.toml; rockpool image lock my.toml"
+    if is_installed_spec(spec.path):
+        raise InvalidInput(
+            f"{spec.path} is a spec of the installed rockpool: its lock ships with it, and "
+            "one written there would be replaced by the next upgrade",
+            hint=hint,
+        )
+    if not os.access(target.parent, os.W_OK):
+        raise InvalidInput(
+            f"cannot write the lock {target}: {target.parent} is not writable", hint=hint
         )
 
 

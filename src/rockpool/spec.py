@@ -12,7 +12,6 @@ import os
 import re
 import site
 import tomllib
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 from rockpool.arch import NAMES, host_architecture
 from rockpool.errors import SpecError
-from rockpool.files import NotRegularFile, TooLarge, read_regular
+from rockpool.files import NotRegularFile, TooLarge, read_regular, write_whole
 from rockpool.formats import ARM64_ONLY_FORMATS, FORMAT_NAMES
 from rockpool.names import SLUG_RULE, is_slug
 from rockpool.units import parse_size
@@ -501,17 +500,10 @@ def init_variant(path: Path, *, arm64: bool = False, force: bool = False) -> dic
         extends=reference,
         formats=json.dumps(list(base.formats)),
     )
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
-        if force:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # unlike a rename, never replaces a file made meanwhile
+        write_whole(path, text, replace=force)
     except FileExistsError:
         raise exists from None
     except OSError as exc:
         raise SpecError(path, None, f"cannot write: {exc.strerror}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"path": str(path.resolve()), "name": name, "extends": reference}

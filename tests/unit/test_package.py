@@ -137,7 +137,7 @@ def no_build(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("the resolving build started")
 
-    monkeypatch.setattr(locking, "lock_spec", fail)
+    monkeypatch.setattr(locking, "build_plan", fail)
 
 
 @pytest.mark.usefixtures("no_build")

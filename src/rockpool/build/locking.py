@@ -11,7 +11,7 @@ from rockpool.build.keys import stage_keys
 from rockpool.build.plan import BuildPlan
 from rockpool.build.preflight import registry_integrity
 from rockpool.build.runner import BuildResult, build_plan
-from rockpool.lock import Lock, write_lock
+from rockpool.lock import Lock, check_lock_target, write_lock
 from rockpool.progress import Reporter
 from rockpool.spec import ImageSpec
 from rockpool.store import Store
@@ -23,6 +23,7 @@ def lock_spec(
     """The resolving build runs unlocked, through the stage cache; its cached results are
     filed under the locked build's keys too, so the first locked build starts from them.
     """
+    check_lock_target(spec)
     host.require_build_host(spec)
     plan = BuildPlan.resolve(spec, use_lock=False, ca_bundle=ca_bundle)
     result = build_plan(plan, store, reporter)
