@@ -19,7 +19,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -30,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rockpool.command import run
 from rockpool.errors import CommandFailed, Conflict, Damaged, InvalidInput, NotFound
 from rockpool.files import copy_private, move_aside, remove_tree, write_json_atomic
 from rockpool.names import check_slug, is_mac
@@ -52,14 +50,8 @@ from rockpool.runtime.base import (
     write_config_disk,
 )
 from rockpool.store import Store
-from rockpool.tools.qemu import (
-    QemuProcess,
-    QemuVM,
-    VMConfig,
-    VMState,
-    create_overlay,
-    random_mac,
-)
+from rockpool.tools.qemu import QemuProcess, QemuVM, VMConfig, VMState, random_mac
+from rockpool.tools.qemu_img import backing_files, create_overlay
 
 log = logging.getLogger("rockpool.workspaces")
 MIB = 1 << 20
@@ -479,14 +471,6 @@ class QemuRuntime(Runtime):
 
     # ---- what workspaces hold -----------------------------------------------------------
 
-    def backing_files(self, disk: Path) -> builtins.list[Path]:
-        """Every file below disk in its qcow2 backing chain (layers, then the image)."""
-        info = run(
-            ["qemu-img", "info", "--backing-chain", "-U", "--output=json", disk], capture=True
-        ).stdout
-        chain = json.loads(info)
-        return [Path(entry["filename"]) for entry in chain[1:]]
-
     def holdings(self) -> Holdings:
         """File -> the workspaces whose disks depend on it; damaged records included, for
         their disks still hold what they are built on."""
@@ -496,7 +480,7 @@ class QemuRuntime(Runtime):
             if not disk.exists():
                 continue
             try:
-                chain = self.backing_files(disk)
+                chain = backing_files(disk)
             except (CommandFailed, ValueError, KeyError, TypeError):
                 held.unreadable.append(name)
                 continue
