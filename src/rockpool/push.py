@@ -17,7 +17,7 @@ from rockpool.errors import InvalidInput
 from rockpool.formats.tart_oci import with_nvram
 from rockpool.progress import Reporter
 from rockpool.store import Store, Version
-from rockpool.tools import skopeo
+from rockpool.tools import skopeo, tart
 
 OCI_FORMAT = "tart-oci"
 # HOST[:PORT]/REPOSITORY[:TAG], the reference `tart pull` takes.
@@ -57,9 +57,7 @@ def nvram_for_push(nvram: Path | None) -> bytes:
     if nvram is not None:
         return read_nvram(nvram)
     if platform.system() == "Darwin":
-        from rockpool.runtime.tart import fresh_nvram
-
-        return fresh_nvram()
+        return tart.fresh_nvram()
     raise InvalidInput(
         "tart pull needs an nvram layer, and only macOS can create an EFI variable store",
         hint="push from macOS (rockpool makes one with tart create --linux), or pass "

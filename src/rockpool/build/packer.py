@@ -24,18 +24,17 @@ from rockpool import tools
 from rockpool.build.context import BuildContext
 from rockpool.build.pipeline import BuildResult, input_digest, run_build, write_formats
 from rockpool.build.provision import installed_versions, setup_variables
-from rockpool.command import run
 from rockpool.errors import InvalidInput, MissingTool, NotFound, SpecError
 from rockpool.files import link_or_copy, sha256_file
 from rockpool.formats import Output, OutputFormat
-from rockpool.formats.tart import CONFIG, DISK
 from rockpool.formats.tart_oci import TartOciFormat, with_nvram
 from rockpool.progress import Reporter
-from rockpool.runtime.tart import vm_dir as tart_vm_dir
 from rockpool.spec import ImageSpec, spec_digest
 from rockpool.store import Store
 from rockpool.tools import CLEAN_PATH
 from rockpool.tools import packer as packer_cli
+from rockpool.tools import tart as tart_cli
+from rockpool.tools.tart import CONFIG, DISK, NVRAM
 
 PLUGIN_SOURCE = "github.com/cirruslabs/tart"
 # 1.19.0: a guest that powers itself off during provisioning is taken as intended
@@ -49,7 +48,6 @@ DEFAULT_BASE_VM = "ghcr.io/cirruslabs/debian:latest"
 BASE_USER = "admin"
 BASE_PASSWORD = "admin"
 SSH_TIMEOUT = "10m"
-NVRAM = "nvram.bin"
 TEMPLATE = "rockpool.pkr.hcl"
 GIB = 1 << 30
 TART_GB = 1000**3  # `tart set --disk-size` counts decimal gigabytes
@@ -357,14 +355,14 @@ def _run_packer(ctx: BuildContext, *, vm_name: str, base_vm: str) -> None:
     template = render_template(ctx.spec, vm_name=vm_name, base_vm=base_vm)
     (template_dir / TEMPLATE).write_text(template, encoding="utf-8")
     env = packer_cli.environment()
-    vm_directory = tart_vm_dir(vm_name)
+    vm_directory = tart_cli.vm_dir(vm_name)
     try:
         packer_cli.init(template_dir, env=env, on_line=ctx.reporter.status)
         packer_cli.build(template_dir, env=env, on_line=ctx.reporter.status)
         _collect(ctx, vm_directory)
     finally:
         if vm_directory.exists():
-            run(["tart", "delete", vm_name], env=env, on_line=ctx.reporter.status, check=False)
+            tart_cli.delete_in(vm_name, env, on_line=ctx.reporter.status)
         if vm_directory.exists():
             ctx.reporter.info(
                 f"could not delete the build VM {vm_name}; run: tart delete {vm_name}"

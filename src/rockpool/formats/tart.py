@@ -16,9 +16,8 @@ from typing import Any
 from rockpool.build.context import BuildContext
 from rockpool.files import link_or_copy
 from rockpool.formats import Output, OutputFormat
+from rockpool.tools.tart import CONFIG, DISK
 
-CONFIG = "config.json"
-DISK = "disk.img"
 CONFIG_VERSION = 1
 DISPLAY = {"width": 1024, "height": 768}
 
