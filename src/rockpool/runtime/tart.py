@@ -52,6 +52,7 @@ from rockpool.runtime.base import (
     AUTHORIZED_KEYS,
     RECORD,
     Endpoint,
+    Holdings,
     Runtime,
     State,
     Workspace,
@@ -157,9 +158,12 @@ def _tail(path: Path, offset: int) -> str:
 
 class TartRuntime(Runtime):
     name = "tart"
+    title = "Tart"
+    default_image = "workspace-arm64"  # Tart runs only arm64 guests
+    installs_images = True
 
     def __init__(self, store: Store, *, ip_timeout: float = 120.0) -> None:
-        self.store = store
+        super().__init__(store)
         self.root = store.root / "tart" / "workspaces"
         self.ip_timeout = ip_timeout  # how long start() waits for the guest's IP
 
@@ -179,12 +183,23 @@ class TartRuntime(Runtime):
 
     def uninstall_image(self, version: Version) -> bool:
         """Delete the version's installed Tart VM, if there is one. Workspaces are full
-        clones of it (APFS copy-on-write), so none depends on it."""
+        clones of it (APFS copy-on-write), so none depends on it. Only arm64 versions
+        can have one."""
+        if version.manifest.get("architecture") != "arm64":
+            return False
         vm = image_vm_name(version)
         if not tart_cli.uninstall(vm):
             return False
         log.info("deleted the Tart VM %s of %s", vm, version.ref)
         return True
+
+    def available(self) -> bool:
+        return tart_cli.available()
+
+    def holdings(self) -> Holdings:
+        """Nothing: an installed image VM is a copy of the version's disk, and each
+        workspace a full (copy-on-write) clone of it."""
+        return Holdings()
 
     # ---- records --------------------------------------------------------------------------
 
