@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import platform
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ from typing import Any
 
 import rockpool
 from rockpool import host, tools
+from rockpool import runtime as runtimes
 from rockpool.config_disk import write_carrier
 from rockpool.errors import (
     ExitCode,
@@ -29,8 +29,7 @@ from rockpool.errors import (
 from rockpool.files import NotRegularFile, TooLarge, read_regular
 from rockpool.keys import KEYS_LIMIT, check_authorized_keys
 from rockpool.progress import Reporter
-from rockpool.runtime.base import PortForward, Runtime, Workspace
-from rockpool.runtime.qemu import QemuRuntime
+from rockpool.runtime.base import PortForward, Workspace
 from rockpool.spec import (
     DEFAULT_SPEC,
     PACKAGE_REFERENCE,
@@ -171,12 +170,12 @@ def cmd_image_push(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def cmd_image_install(args: argparse.Namespace, reporter: Reporter) -> int:
-    from rockpool.runtime.tart import TartRuntime
-
-    version = Store.default().resolve(args.ref)
-    with reporter.stage(f"installing {version.ref} into Tart"):
-        vm = TartRuntime(Store.default()).install_image(version)
-    _emit(args, {"image": version.ref, "runtime": "tart", "vm": vm}, vm)
+    store = Store.default()
+    version = store.resolve(args.ref)
+    runtime = runtimes.get(args.runtime, store)
+    with reporter.stage(f"installing {version.ref} into {runtime.title}"):
+        installed = runtime.install_image(version)
+    _emit(args, {"image": version.ref, "runtime": runtime.name, "vm": installed}, installed)
     return 0
 
 
@@ -258,32 +257,6 @@ def cmd_host_setup(args: argparse.Namespace, reporter: Reporter) -> int:
 # ---- workspaces -------------------------------------------------------------------------
 
 
-RUNTIMES = ("qemu", "tart")
-# The image each runtime runs by default: Tart runs only arm64 guests.
-DEFAULT_IMAGES = {"qemu": "workspace", "tart": "workspace-arm64"}
-
-
-def _default_runtime() -> str:
-    chosen = os.environ.get("ROCKPOOL_RUNTIME")
-    if chosen is None:
-        return "tart" if platform.system() == "Darwin" else "qemu"
-    if chosen not in RUNTIMES:
-        raise InvalidInput(
-            f"ROCKPOOL_RUNTIME must be one of {', '.join(RUNTIMES)}, not '{chosen}'",
-            hint="unset it to use this platform's default (Tart on macOS, else QEMU)",
-        )
-    return chosen
-
-
-def _runtime(name: str | None = None) -> Runtime:
-    chosen = name or _default_runtime()
-    if chosen == "tart":
-        from rockpool.runtime.tart import TartRuntime
-
-        return TartRuntime(Store.default())
-    return QemuRuntime(Store.default())
-
-
 def _workspace_line(workspace: Workspace) -> str:
     where = f"  {workspace.endpoint.url}" if workspace.endpoint else ""
     return f"{workspace.name:<24} {workspace.state.value:<8} {workspace.image}{where}"
@@ -313,7 +286,7 @@ def _read_keys(path: str | None) -> str | None:
 
 
 def cmd_workspace(args: argparse.Namespace, reporter: Reporter) -> int:
-    runtime = _runtime(args.runtime)
+    runtime = runtimes.get(args.runtime, Store.default())
     verb = args.command
     if verb == "ls":
         for problem in runtime.damaged():
@@ -330,7 +303,7 @@ def cmd_workspace(args: argparse.Namespace, reporter: Reporter) -> int:
         _emit(args, {"removed": args.name}, f"removed {args.name}")
         return 0
     if verb == "create":
-        workspace = runtime.create(args.name, args.image or DEFAULT_IMAGES[runtime.name])
+        workspace = runtime.create(args.name, args.image or runtime.default_image)
     elif verb == "start":
         env, keys = _parse_env(args.env), _read_keys(args.authorized_keys)  # checked first
         with reporter.stage(f"starting {args.name}"):
@@ -352,7 +325,7 @@ def _port_line(port: PortForward) -> str:
 
 
 def cmd_workspace_port(args: argparse.Namespace, reporter: Reporter) -> int:
-    runtime = _runtime(args.runtime)
+    runtime = runtimes.get(args.runtime, Store.default())
     if args.command == "add":
         port = runtime.add_port(args.name, args.guest_port)
         _emit(args, port.to_json(), _port_line(port))
@@ -581,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", help="NAME, NAME:latest or NAME:VERSION (built with the tart format)")
     p.add_argument(
         "--runtime",
-        choices=["tart"],
+        choices=runtimes.installers(),
         required=True,
         help="tart: tart create --linux, then the built disk and config (QEMU needs no install)",
     )
@@ -631,9 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = spaces.add_parser("create", parents=[json_flag], help="create a workspace from an image")
     p.add_argument("name")
+    defaults = (runtimes.runtime_class(name) for name in runtimes.names())
     p.add_argument(
         "--image",
-        help="NAME[:VERSION] (default: workspace on QEMU, workspace-arm64 on Tart)",
+        help="NAME[:VERSION] (default: "
+        + ", ".join(f"{runtime.default_image} on {runtime.title}" for runtime in defaults)
+        + ")",
     )
     p = spaces.add_parser("start", parents=[json_flag], help="start a workspace")
     p.add_argument("name")
@@ -662,16 +638,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("guest_port", type=_guest_port, metavar="GUEST_PORT")
     p = port_verbs.add_parser("ls", parents=[json_flag], help="list a workspace's ports")
     p.add_argument("name")
+    runtime_names = " or ".join(runtimes.names())
     for verb_parser in port_verbs.choices.values():
-        verb_parser.add_argument("--runtime", choices=RUNTIMES, help="qemu or tart")
+        verb_parser.add_argument("--runtime", choices=runtimes.names(), help=runtime_names)
         verb_parser.set_defaults(handler=cmd_workspace_port)
     for verb, verb_parser in spaces.choices.items():
         if verb == "port":
             continue
         verb_parser.add_argument(
             "--runtime",
-            choices=RUNTIMES,
-            help="qemu or tart (default: $ROCKPOOL_RUNTIME, else tart on macOS, qemu elsewhere)",
+            choices=runtimes.names(),
+            help=f"{runtime_names} (default: $ROCKPOOL_RUNTIME, else tart on macOS, qemu "
+            "elsewhere)",
         )
         verb_parser.set_defaults(handler=cmd_workspace)
 

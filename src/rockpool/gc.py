@@ -1,15 +1,20 @@
 """Removing image versions (image rm, image gc), under the store's exclusive lock: no
 workspace create, clone or build landing is half done meanwhile, so every workspace's
-backing chain is seen whole and nothing a workspace is built on is ever deleted."""
+backing chain is seen whole and nothing a workspace is built on is ever deleted.
+
+Every runtime this host can run is asked, through the registry: what its workspaces
+hold (Runtime.holdings), what of its own it can delete (remove_unused), and, once a
+version is gone and the lock released, to uninstall it (Tart's image VM)."""
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from rockpool import runtime as runtimes
 from rockpool.errors import Conflict, Damaged
-from rockpool.runtime.qemu import Holdings, QemuRuntime
+from rockpool.runtime.base import Holdings, Runtime
 from rockpool.store import Store, Version
 
 
@@ -29,29 +34,25 @@ class Collected:
         }
 
 
-def _unreadable(held: Holdings) -> Conflict:
-    return Conflict(
-        "cannot tell what the disks of these workspaces are built on: "
-        + ", ".join(held.unreadable),
-        hint="check them with: qemu-img info --backing-chain STORE/workspaces/NAME/disk.qcow2; "
-        "remove a broken one with: rockpool workspace rm --force NAME",
-    )
+def _users(held: list[Holdings], directory: Path) -> list[str]:
+    return sorted({name for holdings in held for name in holdings.users(directory)})
 
 
 def remove_image(store: Store, ref: str) -> str:
-    """Remove one version (its manifest may be damaged); refused while a workspace's
-    disk is built on it. Returns NAME:VERSION."""
+    """Remove one version (its manifest may be damaged); refused while a workspace of
+    any runtime holds it. Returns NAME:VERSION."""
     with store.locked(exclusive=True):
         name, version_id = store.resolve_id(ref)
         try:
             version: Version | None = store.version(name, version_id)
         except Damaged:
             version = None  # removable all the same
-        runtime = QemuRuntime(store)
-        held = runtime.holdings()
-        if held.unreadable:
-            raise _unreadable(held)
-        users = held.users(store.images_dir / name / version_id)
+        present = runtimes.available(store)
+        held = [runtime.holdings() for runtime in present]
+        for holdings in held:
+            if problem := holdings.problem():
+                raise problem
+        users = _users(held, store.images_dir / name / version_id)
         if users:
             raise Conflict(
                 f"{name}:{version_id} is in use by workspaces: {', '.join(users)}",
@@ -59,21 +60,24 @@ def remove_image(store: Store, ref: str) -> str:
             )
         store.remove_version(name, version_id)
     if version is not None:
-        uninstall_from_tart(store, version)
+        _uninstall(present, [version])
     return f"{name}:{version_id}"
 
 
 def collect(store: Store) -> Collected:
     """Remove every version that is neither its image's latest nor held by a workspace,
-    layers no workspace uses, and what interrupted operations left."""
+    what runtimes keep that no workspace uses (QEMU's layers), and what interrupted
+    operations left."""
     result = Collected()
     removed_versions: list[Version] = []
     with store.locked(exclusive=True):
-        runtime = QemuRuntime(store)
-        result.warnings += [str(problem) for problem in runtime.damaged()]
-        held = runtime.holdings()
-        if held.unreadable:
-            result.warnings.append(str(_unreadable(held)) + "; nothing was removed")
+        present = runtimes.available(store)
+        for runtime in present:
+            result.warnings += [str(problem) for problem in runtime.damaged()]
+        held = [runtime.holdings() for runtime in present]
+        problems = [problem for holdings in held if (problem := holdings.problem())]
+        if problems:
+            result.warnings += [f"{problem}; nothing was removed" for problem in problems]
             return result
         for name in store.image_names():
             result.warnings += [f"skipped: {problem}" for problem in store.damaged(name)]
@@ -82,7 +86,7 @@ def collect(store: Store) -> Collected:
             if versions and latest not in {v.id for v in versions}:
                 latest = versions[-1].id  # latest is damaged: keep the newest usable one
             for version in versions:
-                users = held.users(version.path)
+                users = _users(held, version.path)
                 if version.id == latest or users:
                     result.kept.append(
                         {"image": version.ref, "latest": version.id == latest, "held_by": users}
@@ -91,17 +95,15 @@ def collect(store: Store) -> Collected:
                 store.remove_version(name, version.id)
                 removed_versions.append(version)
                 result.removed.append(version.ref)
-        result.removed_layers = [str(p) for p in runtime.remove_unused_layers()]
+        for runtime in present:
+            result.removed_layers += [str(path) for path in runtime.remove_unused()]
         store.remove_stale_staging()
-    for version in removed_versions:
-        uninstall_from_tart(store, version)
+    _uninstall(present, removed_versions)
     return result
 
 
-def uninstall_from_tart(store: Store, version: Version) -> None:
-    """On a Mac, a removed version's installed Tart VM goes too (it is a full copy)."""
-    if version.manifest.get("architecture") != "arm64" or shutil.which("tart") is None:
-        return
-    from rockpool.runtime.tart import TartRuntime
-
-    TartRuntime(store).uninstall_image(version)
+def _uninstall(present: list[Runtime], versions: list[Version]) -> None:
+    """What runtimes installed of removed versions goes too (Tart's VM is a full copy)."""
+    for version in versions:
+        for runtime in present:
+            runtime.uninstall_image(version)

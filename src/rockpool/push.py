@@ -8,17 +8,16 @@ build wrote.
 
 from __future__ import annotations
 
-import os
 import platform
 import re
 from pathlib import Path
 
 from rockpool import tools
-from rockpool.command import clean_environment, run
 from rockpool.errors import InvalidInput
 from rockpool.formats.tart_oci import with_nvram
 from rockpool.progress import Reporter
 from rockpool.store import Store, Version
+from rockpool.tools import skopeo, tart
 
 OCI_FORMAT = "tart-oci"
 # HOST[:PORT]/REPOSITORY[:TAG], the reference `tart pull` takes.
@@ -27,8 +26,6 @@ _REFERENCE = re.compile(
     r"/(?P<repository>[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*)"
     r"(:(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?$"
 )
-# Registry credentials skopeo reads, passed through from the caller.
-_AUTH_VARIABLES = ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG")
 
 
 def destination_reference(destination: str, version: Version) -> str:
@@ -60,9 +57,7 @@ def nvram_for_push(nvram: Path | None) -> bytes:
     if nvram is not None:
         return read_nvram(nvram)
     if platform.system() == "Darwin":
-        from rockpool.runtime.tart import fresh_nvram
-
-        return fresh_nvram()
+        return tart.fresh_nvram()
     raise InvalidInput(
         "tart pull needs an nvram layer, and only macOS can create an EFI variable store",
         hint="push from macOS (rockpool makes one with tart create --linux), or pass "
@@ -83,12 +78,8 @@ def push(
     reference = destination_reference(destination, version)
     tools.require(tools.PUSH, "pushing an image to a registry")
     nvram_bytes = nvram_for_push(nvram)
-    env = clean_environment({k: os.environ[k] for k in _AUTH_VARIABLES if k in os.environ})
-    argv: list[str | Path] = ["skopeo", "copy", "--preserve-digests", "--retry-times", "3"]
-    if insecure:
-        argv.append("--dest-tls-verify=false")
     reporter.info(f"pushing {version.ref} to {reference}")
     with store.staging() as work:
         complete = with_nvram(layout, nvram_bytes, work / "oci")
-        run([*argv, f"oci:{complete}", f"docker://{reference}"], env=env, on_line=reporter.status)
+        skopeo.copy_layout(complete, reference, insecure=insecure, on_line=reporter.status)
     return reference

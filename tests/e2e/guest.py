@@ -11,7 +11,8 @@ from pathlib import Path
 
 from rockpool.config_disk import write_carrier
 from rockpool.store import Version
-from rockpool.tools.qemu import QemuVM, VMConfig, create_overlay, free_port
+from rockpool.tools.qemu import QemuVM, VMConfig, free_port
+from rockpool.tools.qemu_img import create_overlay
 
 BOOT_DEADLINE = 420.0  # generous: TCG on a loaded 2-core machine
 

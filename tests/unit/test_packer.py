@@ -22,6 +22,7 @@ from rockpool.formats.tart_oci import TART_NVRAM_TYPE, read_manifest
 from rockpool.progress import Reporter
 from rockpool.spec import ImageSpec, load_spec
 from rockpool.store import Store
+from rockpool.tools import packer as packer_cli
 from tests.contexts import quiet_context
 
 REPO = Path(__file__).resolve().parents[2]
@@ -290,7 +291,7 @@ def stand_ins(on_a_mac: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setenv("TART_HOME", str(tmp_path / "tart"))
     monkeypatch.setenv("FAKE_LOG", str(log))
     # clean_environment passes on only what it knows; the stand-ins need their log too.
-    monkeypatch.setattr(packer, "PASSED_VARIABLES", (*packer.PASSED_VARIABLES, "FAKE_LOG"))
+    monkeypatch.setattr(packer_cli, "PASSED_VARIABLES", (*packer_cli.PASSED_VARIABLES, "FAKE_LOG"))
     return log
 
 
@@ -353,7 +354,9 @@ def test_a_failed_packer_build_still_deletes_its_vm(
     stand_ins: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("FAKE_PACKER_FAIL", "1")
-    monkeypatch.setattr(packer, "PASSED_VARIABLES", (*packer.PASSED_VARIABLES, "FAKE_PACKER_FAIL"))
+    monkeypatch.setattr(
+        packer_cli, "PASSED_VARIABLES", (*packer_cli.PASSED_VARIABLES, "FAKE_PACKER_FAIL")
+    )
     store = Store(tmp_path / "store")
     spec = variant(tmp_path, '[image]\nformats = ["tart"]\n')
     with pytest.raises(CommandFailed) as caught:

@@ -26,11 +26,12 @@ from rockpool.errors import (
     NotFound,
     RockpoolError,
 )
-from rockpool.runtime import tart as tart_module
+from rockpool.runtime import tart as runtime_module
 from rockpool.runtime.base import State
 from rockpool.runtime.tart import TartRuntime, TartVMError
 from rockpool.store import Store, Version
 from rockpool.tools import CLEAN_PATH
+from rockpool.tools import tart as tart_cli
 from tests.keys import PUBLIC_KEY
 
 STANDINS = Path(__file__).resolve().parents[1] / "standins"
@@ -166,14 +167,14 @@ def test_install_keeps_tarts_nvram_and_mac_and_takes_our_disk_and_config(
     version = land_version(tart.store)
     runtime = TartRuntime(tart.store)
     created_macs: list[str] = []
-    copy_disk = tart_module.copy_disk
+    copy_disk = tart_cli.copy_disk
 
     def copy_disk_seeing_the_created_vm(source: Path, target: Path) -> None:
         created = json.loads((target.parent / "config.json").read_text())
         created_macs.append(created["macAddress"])  # what `tart create` generated
         copy_disk(source, target)
 
-    monkeypatch.setattr(tart_module, "copy_disk", copy_disk_seeing_the_created_vm)
+    monkeypatch.setattr(tart_cli, "copy_disk", copy_disk_seeing_the_created_vm)
     assert runtime.install_image(version) == IMAGE_VM
 
     calls = tart.calls()
@@ -211,7 +212,7 @@ def test_install_never_leaves_a_half_installed_vm(
         raise CommandFailed(["cp", str(source), str(target)], 1, "cp: No space left on device")
 
     with monkeypatch.context() as patch, pytest.raises(CommandFailed, match="No space left"):
-        patch.setattr(tart_module, "copy_disk", broken_copy)
+        patch.setattr(tart_cli, "copy_disk", broken_copy)
         runtime.install_image(version)
     create, delete = tart.calls()
     assert delete == ["delete", create[2]]
@@ -359,17 +360,17 @@ def test_a_vm_that_is_gone(tart: Tart) -> None:
 
 def test_tarts_errors_become_rockpools(tart: Tart) -> None:
     with pytest.raises(NotFound, match="Tart has no VM named 'ghost'"):
-        tart_module.run_tart("stop", "ghost")
+        tart_cli.run_tart("stop", "ghost")
     assert tart.cli("create", "--linux", "carol").returncode == 0
     with pytest.raises(Conflict, match="Tart VM 'carol' is not running"):
-        tart_module.run_tart("stop", "carol")
+        tart_cli.run_tart("stop", "carol")
     with pytest.raises(CommandFailed, match="target VM carol already exists") as caught:
-        tart_module.run_tart("rename", "carol", "carol")
+        tart_cli.run_tart("rename", "carol", "carol")
     assert caught.value.returncode == 64
 
 
 def test_a_fresh_nvram_for_tart_pull(tart: Tart) -> None:
-    nvram = tart_module.fresh_nvram()
+    nvram = tart_cli.fresh_nvram()
     assert b"not a VZEFIVariableStore" in nvram  # the stand-in's placeholder
     create, delete = tart.calls()
     assert create[:2] == ["create", "--linux"] and delete == ["delete", create[2]]
@@ -462,7 +463,7 @@ def test_create_leaves_nothing_when_it_fails(tart: Tart, monkeypatch: pytest.Mon
     runtime = TartRuntime(tart.store)
     runtime.install_image(tart.store.resolve("workspace-arm64"))
 
-    run_tart = tart_module.run_tart
+    run_tart = tart_cli.run_tart
 
     def clone_fails(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         if args[0] == "clone":
@@ -470,7 +471,7 @@ def test_create_leaves_nothing_when_it_fails(tart: Tart, monkeypatch: pytest.Mon
         return run_tart(*args, check=check)
 
     with monkeypatch.context() as patch:
-        patch.setattr(tart_module, "run_tart", clone_fails)
+        patch.setattr(tart_cli, "run_tart", clone_fails)
         with pytest.raises(CommandFailed, match="out of space"):
             runtime.create("alice", "workspace-arm64")
     assert not (runtime.root / "alice").exists() and "alice" not in tart.vms()
@@ -479,7 +480,7 @@ def test_create_leaves_nothing_when_it_fails(tart: Tart, monkeypatch: pytest.Mon
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
-        patch.setattr(tart_module, "write_json_atomic", record_fails)
+        patch.setattr(runtime_module, "write_json_atomic", record_fails)
         with pytest.raises(OSError, match="No space"):
             runtime.create("alice", "workspace-arm64")
     assert tart.calls()[-2:] == [["clone", IMAGE_VM, "alice"], ["delete", "alice"]]

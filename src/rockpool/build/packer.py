@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import platform
 import shlex
 import shutil
@@ -30,17 +29,17 @@ from rockpool.build.outputs import write_formats
 from rockpool.build.plan import BuildPlan
 from rockpool.build.provision import installed_versions, setup_variables
 from rockpool.build.runner import BuildResult, run_build
-from rockpool.command import clean_environment, run
 from rockpool.errors import InvalidInput, MissingTool, NotFound, SpecError
 from rockpool.files import link_or_copy, sha256_file
 from rockpool.formats import FormatJob, Output, OutputFormat
-from rockpool.formats.tart import CONFIG, DISK
 from rockpool.formats.tart_oci import TartOciFormat, with_nvram
 from rockpool.progress import Reporter
-from rockpool.runtime.tart import vm_dir as tart_vm_dir
 from rockpool.spec import ImageSpec, spec_digest
 from rockpool.store import Store
 from rockpool.tools import CLEAN_PATH
+from rockpool.tools import packer as packer_cli
+from rockpool.tools import tart as tart_cli
+from rockpool.tools.tart import CONFIG, DISK, NVRAM
 
 PLUGIN_SOURCE = "github.com/cirruslabs/tart"
 # 1.19.0: a guest that powers itself off during provisioning is taken as intended
@@ -54,27 +53,13 @@ DEFAULT_BASE_VM = "ghcr.io/cirruslabs/debian:latest"
 BASE_USER = "admin"
 BASE_PASSWORD = "admin"
 SSH_TIMEOUT = "10m"
-NVRAM = "nvram.bin"
 TEMPLATE = "rockpool.pkr.hcl"
 GIB = 1 << 30
 TART_GB = 1000**3  # `tart set --disk-size` counts decimal gigabytes
 SEAL = "/usr/local/sbin/rockpool-seal"  # written by setup.sh
-TOOLS = ("packer", "tart")
 # Formats written on the host after the VM is built, and the tools they run (through
 # CLEAN_PATH, as every command runs).
 FORMAT_TOOLS = {"qcow2": {"qemu-img": "qemu"}}
-BREW_HINT = "brew install hashicorp/tap/packer cirruslabs/cli/tart"
-# Host variables Packer and Tart read; clean_environment drops everything else.
-PASSED_VARIABLES = (
-    "TART_HOME",
-    "PACKER_PLUGIN_PATH",
-    "PACKER_CONFIG_DIR",
-    "PACKER_CACHE_DIR",
-    "PACKER_GITHUB_API_TOKEN",  # `packer init` asks GitHub's API, which rate-limits anonymous use
-    "PACKER_LOG",
-    "PACKER_LOG_PATH",
-    "TMPDIR",
-)
 # The guest files provision.installed_versions reads, fetched before the seal so the
 # manifest lists exact versions as the mmdebstrap path's does.
 VERSION_FILES = (
@@ -293,12 +278,6 @@ def render_template(
 # ---- the host -----------------------------------------------------------------------
 
 
-def _tool_paths() -> dict[str, Path | None]:
-    """packer and tart as the user's PATH finds them (Homebrew's bin is not in CLEAN_PATH)."""
-    found = {tool: shutil.which(tool) for tool in TOOLS}
-    return {tool: Path(path) if path else None for tool, path in found.items()}
-
-
 def require_packer_host(spec: ImageSpec | None = None) -> None:
     """Refuse, with what to do instead, unless this host can run the Packer path."""
     system = platform.system()
@@ -322,11 +301,11 @@ def require_packer_host(spec: ImageSpec | None = None) -> None:
             f"but this image is {spec.architecture}",
             hint="build images/workspace-arm64.toml, or a spec that extends it",
         )
-    missing = [tool for tool, path in _tool_paths().items() if path is None]
+    missing = [tool for tool, path in packer_cli.tool_paths().items() if path is None]
     if missing:
         raise MissingTool(
             f"the Packer tart-cli builder needs {' and '.join(missing)}, which are not on PATH",
-            hint=f"run: {BREW_HINT}",
+            hint=f"run: {packer_cli.BREW_HINT}",
         )
     for fmt in spec.formats if spec is not None else ():
         needed = FORMAT_TOOLS.get(fmt, {})
@@ -337,15 +316,6 @@ def require_packer_host(spec: ImageSpec | None = None) -> None:
                 hint=f"run: brew install {' '.join(sorted({needed[a] for a in absent}))}, or drop "
                 f'"{fmt}" from image.formats',
             )
-
-
-def packer_environment() -> dict[str, str]:
-    """A clean environment whose PATH finds packer and tart (the plugin runs `tart`)."""
-    dirs = [str(path.parent) for path in _tool_paths().values() if path is not None]
-    passed = {name: os.environ[name] for name in PASSED_VARIABLES if name in os.environ}
-    path = ":".join(dict.fromkeys([*dirs, *CLEAN_PATH.split(":")]))
-    # CHECKPOINT_DISABLE: no version check against HashiCorp's servers on every run.
-    return clean_environment({**passed, "PATH": path, "CHECKPOINT_DISABLE": "1"})
 
 
 # ---- the build ----------------------------------------------------------------------
@@ -389,20 +359,15 @@ def _run_packer(ctx: BuildContext, *, vm_name: str, base_vm: str) -> None:
     template_dir.mkdir()
     template = render_template(ctx.spec, vm_name=vm_name, base_vm=base_vm)
     (template_dir / TEMPLATE).write_text(template, encoding="utf-8")
-    env = packer_environment()
-    vm_directory = tart_vm_dir(vm_name)
+    env = packer_cli.environment()
+    vm_directory = tart_cli.vm_dir(vm_name)
     try:
-        run(["packer", "init", template_dir], env=env, on_line=ctx.reporter.status)
-        run(
-            ["packer", "build", "-color=false", "-timestamp-ui", template_dir],
-            env=env,
-            cwd=template_dir,
-            on_line=ctx.reporter.status,
-        )
+        packer_cli.init(template_dir, env=env, on_line=ctx.reporter.status)
+        packer_cli.build(template_dir, env=env, on_line=ctx.reporter.status)
         _collect(ctx, vm_directory)
     finally:
         if vm_directory.exists():
-            run(["tart", "delete", vm_name], env=env, on_line=ctx.reporter.status, check=False)
+            tart_cli.delete_in(vm_name, env, on_line=ctx.reporter.status)
         if vm_directory.exists():
             ctx.reporter.info(
                 f"could not delete the build VM {vm_name}; run: tart delete {vm_name}"

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 from rockpool.config_disk import write_carrier
 from rockpool.errors import CommandFailed, InvalidInput, RockpoolError
 from rockpool.rundir import run_directory
-from rockpool.tools.qemu import QemuVM, VMConfig, create_overlay, free_port
+from rockpool.tools.qemu import QemuVM, VMConfig, free_port
+from rockpool.tools.qemu_img import create_overlay
 
 if TYPE_CHECKING:
     from rockpool.build.context import BuildContext  # stages are called with one

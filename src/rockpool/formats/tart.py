@@ -14,9 +14,8 @@ from typing import Any
 
 from rockpool.files import link_or_copy
 from rockpool.formats.base import FormatJob, Output, OutputFormat
+from rockpool.tools.tart import CONFIG, DISK
 
-CONFIG = "config.json"
-DISK = "disk.img"
 CONFIG_VERSION = 1
 DISPLAY = {"width": 1024, "height": 768}
 

@@ -1,5 +1,9 @@
 """The one interface every workspace runtime implements (QEMU and Tart; Incus next), and
-the parts they share: workspace records and the config disk written at each start."""
+the parts they share: workspace records and the config disk written at each start.
+
+A runtime is one module with one Runtime subclass, and one line in the registry
+(runtime/__init__.py); everything else (the CLI, image rm and image gc) asks the
+registry, never a runtime by name."""
 
 from __future__ import annotations
 
@@ -13,13 +17,16 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rockpool.config_disk import validate_env, write_carrier
-from rockpool.errors import Damaged, InvalidInput, NotFound
+from rockpool.errors import Conflict, Damaged, InvalidInput, NotFound
 from rockpool.files import write_private
 from rockpool.keys import check_authorized_keys
 from rockpool.names import check_slug, is_instance_id, is_slug, is_version_id
+
+if TYPE_CHECKING:
+    from rockpool.store import Store, Version
 
 RECORD = "workspace.json"
 CONFIG_DISK = "config.img"
@@ -87,14 +94,86 @@ class Workspace:
         return data
 
 
+@dataclass
+class Holdings:
+    """What a runtime's workspaces still need of the store: each file they are built on
+    (an image version's disk, a clone layer), or a version's directory as a whole, and
+    which workspaces use it.
+
+    unreadable names the workspaces whose needs could not be read: while there are any,
+    nothing may be deleted, for it might be theirs; hint says how to look into them."""
+
+    files: dict[Path, builtins.list[str]] = field(default_factory=dict)
+    unreadable: builtins.list[str] = field(default_factory=list)
+    hint: str = "remove a broken one with: rockpool workspace rm --force NAME"
+
+    def users(self, directory: Path) -> builtins.list[str]:
+        """The workspaces built on a file in directory (an image version), or on it."""
+        return sorted(
+            {
+                name
+                for path, names in self.files.items()
+                if directory in (path, path.parent)
+                for name in names
+            }
+        )
+
+    def problem(self) -> Conflict | None:
+        if not self.unreadable:
+            return None
+        return Conflict(
+            "cannot tell what the disks of these workspaces are built on: "
+            + ", ".join(self.unreadable),
+            hint=self.hint,
+        )
+
+
 class Runtime(ABC):
     """Create, start, stop, clone and remove workspaces from stored images.
 
     Every method takes workspace names that follow the init contract's slug rule and
     raises RockpoolError subclasses (InvalidInput, NotFound, Conflict, MissingTool).
+
+    Each runtime also answers for itself what image rm and image gc need (under the
+    store's exclusive lock): which versions its workspaces still need (holdings), what
+    of its own it can delete (remove_unused), and it installs and uninstalls versions.
     """
 
-    name: str
+    name: ClassVar[str]  # its registry name, and --runtime's
+    title: ClassVar[str]  # for people: "QEMU", "Tart"
+    default_image: ClassVar[str]  # the image `workspace create` takes when given none
+    installs_images: ClassVar[bool] = False  # whether `image install --runtime` offers it
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def available(self) -> bool:
+        """Whether this host can run it (Tart: a `tart` on PATH). image rm and image gc
+        ask only the runtimes that are: where one is not, it has no workspaces."""
+        return True
+
+    # ---- images: what rm and gc ask -----------------------------------------------------
+
+    @abstractmethod
+    def install_image(self, version: Version) -> str:
+        """Make a version ready to run; returns what the runtime runs it as (Tart: its
+        VM's name; QEMU, which needs no install: the qcow2 disk). Idempotent."""
+
+    def uninstall_image(self, version: Version) -> bool:
+        """Undo install_image for a version image rm or gc removed (after the store's
+        lock is released); False when nothing was installed."""
+        return False
+
+    @abstractmethod
+    def holdings(self) -> Holdings:
+        """The files of the store its workspaces are built on, or were created from;
+        damaged records included. Read from the store: image rm and gc refuse to delete
+        what is in it."""
+
+    def remove_unused(self) -> builtins.list[Path]:
+        """Delete what of its own in the store no workspace needs any more, and what
+        interrupted operations left; returns what it deleted."""
+        return []
 
     @abstractmethod
     def create(self, name: str, image_ref: str) -> Workspace: ...

@@ -19,18 +19,15 @@ from __future__ import annotations
 import builtins
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rockpool.command import run
 from rockpool.errors import CommandFailed, Conflict, Damaged, InvalidInput, NotFound
 from rockpool.files import copy_private, move_aside, remove_tree, write_json_atomic
 from rockpool.names import check_slug, is_mac
@@ -39,6 +36,7 @@ from rockpool.runtime import network
 from rockpool.runtime.base import (
     RECORD,
     Endpoint,
+    Holdings,
     PortForward,
     Runtime,
     State,
@@ -51,15 +49,9 @@ from rockpool.runtime.base import (
     workspace_dir,
     write_config_disk,
 )
-from rockpool.store import Store
-from rockpool.tools.qemu import (
-    QemuProcess,
-    QemuVM,
-    VMConfig,
-    VMState,
-    create_overlay,
-    random_mac,
-)
+from rockpool.store import Store, Version
+from rockpool.tools.qemu import QemuProcess, QemuVM, VMConfig, VMState, random_mac
+from rockpool.tools.qemu_img import backing_files, create_overlay
 
 log = logging.getLogger("rockpool.workspaces")
 MIB = 1 << 20
@@ -68,6 +60,10 @@ NEW_TOP = "disk.qcow2.new"  # a clone's next top layer for the source, until it 
 GUEST_PORTS = ("8080", "22")
 DYNAMIC_PORTS_LIMIT = 64
 START_ATTEMPTS = 3  # a forward's port taken between the pick and QEMU's bind: pick again
+UNREADABLE_HINT = (
+    "check them with: qemu-img info --backing-chain STORE/workspaces/NAME/disk.qcow2; "
+    "remove a broken one with: rockpool workspace rm --force NAME"
+)
 
 
 def _is_guest_port(port: object) -> bool:
@@ -91,33 +87,13 @@ def check_timeout(timeout: float) -> float:
     return timeout
 
 
-@dataclass
-class Holdings:
-    """What workspaces' disks are built on: each file, and which workspaces use it.
-
-    unreadable names the workspaces whose backing chain could not be read: while there
-    are any, nothing may be deleted, for it might be theirs."""
-
-    files: dict[Path, builtins.list[str]] = field(default_factory=dict)
-    unreadable: builtins.list[str] = field(default_factory=list)
-
-    def users(self, directory: Path) -> builtins.list[str]:
-        """The workspaces built on a file in directory (an image version)."""
-        return sorted(
-            {
-                name
-                for path, names in self.files.items()
-                if path.parent == directory
-                for name in names
-            }
-        )
-
-
 class QemuRuntime(Runtime):
     name = "qemu"
+    title = "QEMU"
+    default_image = "workspace"
 
     def __init__(self, store: Store) -> None:
-        self.store = store
+        super().__init__(store)
         self.root = store.root / "workspaces"
         self.layers = store.root / "layers"
 
@@ -477,32 +453,32 @@ class QemuRuntime(Runtime):
         """What is wrong with each workspace whose record cannot be trusted."""
         return readable_records(self.root, self._check)[1]
 
-    # ---- what workspaces hold -----------------------------------------------------------
+    # ---- images and what workspaces hold ------------------------------------------------
 
-    def backing_files(self, disk: Path) -> builtins.list[Path]:
-        """Every file below disk in its qcow2 backing chain (layers, then the image)."""
-        info = run(
-            ["qemu-img", "info", "--backing-chain", "-U", "--output=json", disk], capture=True
-        ).stdout
-        chain = json.loads(info)
-        return [Path(entry["filename"]) for entry in chain[1:]]
+    def install_image(self, version: Version) -> str:
+        """Nothing to install: workspaces are overlays on the version's qcow2 itself.
+        Returns that disk's path."""
+        return str(version.output_path("qcow2"))
 
     def holdings(self) -> Holdings:
         """File -> the workspaces whose disks depend on it; damaged records included, for
         their disks still hold what they are built on."""
-        held = Holdings()
+        held = Holdings(hint=UNREADABLE_HINT)
         for name in record_names(self.root):
             disk = self._dir(name) / DISK
             if not disk.exists():
                 continue
             try:
-                chain = self.backing_files(disk)
+                chain = backing_files(disk)
             except (CommandFailed, ValueError, KeyError, TypeError):
                 held.unreadable.append(name)
                 continue
             for path in chain:
                 held.files.setdefault(path.resolve(), []).append(name)
         return held
+
+    def remove_unused(self) -> builtins.list[Path]:
+        return self.remove_unused_layers()
 
     def remove_unused_layers(self) -> builtins.list[Path]:
         """Delete the layers no workspace is built on, and what interrupted creates,

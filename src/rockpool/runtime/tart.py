@@ -9,8 +9,7 @@
 Tart keeps the VMs, rockpool keeps which of them are workspaces: a Tart VM is a workspace
 only if it has a record here. State is never stored: it comes from `tart list` (running
 means a `tart run` process holds the lock on the VM's config.json), so a crash cannot
-leave a stale "running". Every tart command goes through command.run, and the VM itself
-through command.spawn, with $TART_HOME and Tart's other TART_* settings passed on.
+leave a stale "running". Every tart command goes through the client in tools/tart.py.
 
 A clone is a new machine: its record gets a new ROCKPOOL_INSTANCE_ID, which start()
 writes to the config disk. At boot, before systemd starts, the image's initramfs hook
@@ -26,30 +25,23 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
-import json
 import logging
 import math
 import os
-import re
 import shutil
-import signal
-import struct
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from rockpool.command import STDERR_TAIL_LINES, clean_environment, run, spawn
+from rockpool.command import STDERR_TAIL_LINES
 from rockpool.errors import (
     CommandFailed,
     Conflict,
     Damaged,
     ExitCode,
     InvalidInput,
-    MissingTool,
     NotFound,
     RockpoolError,
 )
@@ -60,6 +52,7 @@ from rockpool.runtime.base import (
     AUTHORIZED_KEYS,
     RECORD,
     Endpoint,
+    Holdings,
     Runtime,
     State,
     Workspace,
@@ -71,50 +64,28 @@ from rockpool.runtime.base import (
     write_config_disk,
 )
 from rockpool.store import Store, Version
-from rockpool.tools import CLEAN_PATH
+from rockpool.tools import tart as tart_cli
+from rockpool.tools.tart import CONFIG, DISK, RESERVED_PREFIX
 
 log = logging.getLogger("rockpool.workspaces")
 
-INSTALL_HINT = "install Tart on macOS: brew install cirruslabs/cli/tart"
 BUILD_HINT = (
     "build the arm64 spec images/workspace-arm64.toml, which writes the tart format: "
     "rockpool image build images/workspace-arm64.toml"
 )
 TART_OUTPUT = "tart"
-CONFIG = "config.json"
-DISK = "disk.img"
-NVRAM = "nvram.bin"
 RUN_LOG = "tart-run.log"
-# Installed images are Tart VMs named rockpool-IMAGE-VERSION, and installs in progress
-# rockpool-tmp-*; workspace names may not start with the prefix.
-RESERVED_PREFIX = "rockpool-"
-TMP_PREFIX = "rockpool-tmp-"
 CODE_SERVER_PORT = 8080
 SSH_PORT = 22
 IP_POLL_SECONDS = 1  # `tart ip --wait` takes whole seconds
 STATE_POLL_SECONDS = 0.25
 STOP_GRACE_SECONDS = 10.0  # `tart stop`'s wait before it kills a VM that ignored the request
 
-# Tart's own messages (Sources/tart/VMStorageHelper.swift, RuntimeError.description).
-_DOES_NOT_EXIST = re.compile(r'the specified VM "([^"]*)" does not exist')  # exit 2
-_NOT_RUNNING = re.compile(r'VM "([^"]*)" is not running')  # stop; exit 2
-_RUNNING = re.compile(r'VM "([^"]*)" is (?:already )?running')  # run: 2, delete: 1
-_NO_IP = "no IP address found"  # tart ip; exit 1
-
 
 class TartVMError(RockpoolError):
     """Tart ran, but the VM is not usable: `tart run` died, or the guest has no IP yet."""
 
     exit_code = ExitCode.COMMAND_FAILED
-
-
-class _NotRunning(Conflict):
-    """`tart stop` of a VM that is not running (it stopped by itself meanwhile)."""
-
-
-def tart_home() -> Path:
-    custom = os.environ.get("TART_HOME")
-    return Path(custom) if custom else Path.home() / ".tart"
 
 
 def check_name(name: str) -> str:
@@ -134,8 +105,7 @@ def check_name(name: str) -> str:
 
 
 def image_vm_name(version: Version) -> str:
-    # Image names are slugs and version ids 12 hex digits: always a valid local Tart name.
-    return f"{RESERVED_PREFIX}{version.name}-{version.id}"
+    return tart_cli.image_vm_name(version.name, version.id)
 
 
 def tart_bundle(version: Version) -> Path:
@@ -156,20 +126,6 @@ def tart_bundle(version: Version) -> Path:
             hint=BUILD_HINT,
         )
     return bundle
-
-
-def copy_disk(source: Path, target: Path) -> None:
-    """Copy-on-write where the filesystem can (APFS clonefile, btrfs/XFS reflinks): an
-    image's disk then costs no space or time until a VM writes to it."""
-    if sys.platform == "darwin":
-        try:
-            run(["cp", "-c", source, target])
-            return
-        except CommandFailed:  # no clonefile(2) here (another volume, not APFS)
-            target.unlink(missing_ok=True)
-        run(["cp", source, target])
-    else:
-        run(["cp", "--reflink=auto", "--sparse=always", source, target])
 
 
 def _exit_status(pid: int) -> tuple[bool, int | None]:
@@ -200,150 +156,14 @@ def _tail(path: Path, offset: int) -> str:
     return "\n".join(text.splitlines()[-STDERR_TAIL_LINES:])
 
 
-def _running(entry: Mapping[str, Any] | None) -> bool:
-    return entry is not None and entry.get("State") == "running"
-
-
-# ---- tart itself ----------------------------------------------------------------------------
-
-
-def tart_executable() -> str:
-    """The absolute path of the caller's `tart`; MissingTool where there is none."""
-    found = shutil.which("tart")
-    if found is None:
-        where = "" if sys.platform == "darwin" else " (Tart runs on macOS only)"
-        raise MissingTool(
-            f"the Tart runtime needs the 'tart' command, which is not on PATH{where}",
-            hint=INSTALL_HINT,
-        )
-    return os.path.abspath(found)
-
-
-def tart_env(executable: str) -> dict[str, str]:
-    # clean_environment() resets PATH: keep tart's own directory first (Homebrew's bin is
-    # not in the clean PATH, and tart finds helpers such as softnet on PATH) and Tart's
-    # settings: TART_HOME, TART_NO_AUTO_PRUNE and the like.
-    extra = {key: value for key, value in os.environ.items() if key.startswith("TART_")}
-    extra["PATH"] = f"{os.path.dirname(executable)}:{CLEAN_PATH}"
-    return clean_environment(extra)
-
-
-def run_tart(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """`tart ARGS` through command.run; Tart's failures become NotFound or Conflict where
-    they mean that, else CommandFailed with Tart's stderr."""
-    executable = tart_executable()
-    result = run([executable, *args], env=tart_env(executable), capture=True, check=False)
-    if check and result.returncode != 0:
-        raise tart_error(CommandFailed(list(result.args), result.returncode, result.stderr))
-    return result
-
-
-def tart_error(failure: CommandFailed) -> RockpoolError:
-    text = failure.stderr_tail
-    if found := _DOES_NOT_EXIST.search(text):
-        return NotFound(
-            f"Tart has no VM named '{found[1]}'", hint="list Tart's VMs with: tart list"
-        )
-    if found := _NOT_RUNNING.search(text):
-        return _NotRunning(f"Tart VM '{found[1]}' is not running")
-    if found := _RUNNING.search(text):
-        return Conflict(f"Tart VM '{found[1]}' is running")
-    return failure
-
-
-def local_vms() -> dict[str, dict[str, Any]]:
-    """Tart's local VMs by name, from `tart list --format json --source local`."""
-    output = run_tart("list", "--format", "json", "--source", "local").stdout
-    try:
-        entries = json.loads(output or "[]")
-    except ValueError as exc:
-        raise RockpoolError(
-            f"`tart list --format json` printed something that is not JSON ({exc})",
-            hint="check the tart on PATH: tart --version",
-        ) from None
-    return {str(entry["Name"]): entry for entry in entries}
-
-
-def vm_ip(name: str, wait: int = 0) -> str | None:
-    """`tart ip NAME --wait N`: the address DHCP gave the VM's MAC, or None."""
-    result = run_tart("ip", name, "--wait", str(wait), check=False)
-    address = result.stdout.strip()
-    if result.returncode == 0 and address:
-        return address.splitlines()[-1]
-    if _NO_IP in result.stderr:
-        return None
-    raise tart_error(CommandFailed(list(result.args), result.returncode, result.stderr))
-
-
-def vm_dir(vm: str) -> Path:
-    return tart_home() / "vms" / vm
-
-
-# Tart marks a running VM with an fcntl write lock on its config.json, held by `tart run`
-# (PIDLock.swift); F_GETLK names the holder. struct flock differs between the platforms.
-if sys.platform == "darwin":
-    _FLOCK = "qqihh"  # l_start, l_len, l_pid, l_type, l_whence
-    _FLOCK_QUERY = struct.pack(_FLOCK, 0, 0, 0, fcntl.F_RDLCK, os.SEEK_SET)
-    _FLOCK_PID = 2
-else:
-    _FLOCK = "hhqqi4x"  # l_type, l_whence, l_start, l_len, l_pid
-    _FLOCK_QUERY = struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0)
-    _FLOCK_PID = 4
-
-
-def run_lock_holder(directory: Path) -> int:
-    """The pid of the `tart run` that holds the VM in directory, or 0."""
-    try:
-        fd = os.open(directory / CONFIG, os.O_RDWR)
-    except OSError:
-        return 0
-    try:
-        answer = fcntl.fcntl(fd, fcntl.F_GETLK, _FLOCK_QUERY)
-    finally:
-        os.close(fd)
-    return int(struct.unpack(_FLOCK, answer)[_FLOCK_PID])
-
-
-@contextlib.contextmanager
-def install_lock() -> Iterator[None]:
-    """Held while rockpool has temporary VMs (rockpool-tmp-*) in Tart. In TART_HOME, not
-    the store: every rockpool using this Tart takes turns."""
-    home = tart_home()
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".rockpool-install.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-@contextlib.contextmanager
-def scratch_vm(*, keep: bool) -> Iterator[tuple[str, Path]]:
-    """`tart create --linux rockpool-tmp-RANDOM`: (its name, its directory). It is deleted
-    when the body fails, and also after it unless keep (the body renames it). Hold
-    install_lock() around it."""
-    name = f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}"
-    run_tart("create", "--linux", name)
-    kept = False
-    try:
-        yield name, vm_dir(name)
-        kept = keep
-    finally:
-        if not kept:
-            with contextlib.suppress(RockpoolError):
-                run_tart("delete", name)
-
-
-def fresh_nvram() -> bytes:
-    """A new EFI variable store (nvram.bin) from `tart create --linux`: an Apple
-    VZEFIVariableStore, which only macOS can make. For the nvram layer `tart pull` needs."""
-    with install_lock(), scratch_vm(keep=False) as (_, directory):
-        return (directory / NVRAM).read_bytes()
-
-
 class TartRuntime(Runtime):
     name = "tart"
+    title = "Tart"
+    default_image = "workspace-arm64"  # Tart runs only arm64 guests
+    installs_images = True
 
     def __init__(self, store: Store, *, ip_timeout: float = 120.0) -> None:
-        self.store = store
+        super().__init__(store)
         self.root = store.root / "tart" / "workspaces"
         self.ip_timeout = ip_timeout  # how long start() waits for the guest's IP
 
@@ -352,51 +172,34 @@ class TartRuntime(Runtime):
     def install_image(self, version: Version) -> str:
         """Make an image version a local Tart VM; returns its name, rockpool-IMAGE-VERSION.
 
-        Idempotent. `tart create --linux` makes a VM with a genuine nvram.bin (an EFI
-        variable store only macOS can create); its disk.img and config.json are then
-        replaced by the image's, keeping the MAC address Tart generated so installs never
-        share one. It is filled under a temporary name and renamed only when whole, so an
-        interruption never leaves a half-installed VM under the final name.
+        Idempotent; see tools.tart.install_bundle for how (a genuine nvram.bin from
+        `tart create --linux`, the image's disk and config, one rename when whole).
         """
         bundle = tart_bundle(version)
         vm = image_vm_name(version)
-        with install_lock():
-            vms = local_vms()
-            if vm in vms:
-                return vm
-            self._remove_abandoned_installs(vms)
-            with scratch_vm(keep=True) as (tmp, directory):
-                mac = json.loads((directory / CONFIG).read_text()).get("macAddress")
-                if not isinstance(mac, str):
-                    raise RockpoolError(f"`tart create` wrote no macAddress to {directory}")
-                config = json.loads((bundle / CONFIG).read_text())
-                config["macAddress"] = mac
-                staged = directory / f".{DISK}.rockpool"
-                copy_disk(bundle / DISK, staged)
-                os.replace(staged, directory / DISK)
-                write_json_atomic(directory / CONFIG, config)
-                run_tart("rename", tmp, vm)
-        log.info("installed %s as the Tart VM %s", version.ref, vm)
+        if tart_cli.install_bundle(bundle, vm):
+            log.info("installed %s as the Tart VM %s", version.ref, vm)
         return vm
 
     def uninstall_image(self, version: Version) -> bool:
         """Delete the version's installed Tart VM, if there is one. Workspaces are full
-        clones of it (APFS copy-on-write), so none depends on it."""
+        clones of it (APFS copy-on-write), so none depends on it. Only arm64 versions
+        can have one."""
+        if version.manifest.get("architecture") != "arm64":
+            return False
         vm = image_vm_name(version)
-        with install_lock():
-            if vm not in local_vms():
-                return False
-            run_tart("delete", vm)
+        if not tart_cli.uninstall(vm):
+            return False
         log.info("deleted the Tart VM %s of %s", vm, version.ref)
         return True
 
-    def _remove_abandoned_installs(self, vms: Mapping[str, Mapping[str, Any]]) -> None:
-        """Temporary VMs of installs that were killed (the install lock is held here)."""
-        for vm, entry in vms.items():
-            if vm.startswith(TMP_PREFIX) and not _running(entry):
-                log.info("removing %s, left by an interrupted image install", vm)
-                with contextlib.suppress(RockpoolError):
-                    run_tart("delete", vm)
+    def available(self) -> bool:
+        return tart_cli.available()
+
+    def holdings(self) -> Holdings:
+        """Nothing: an installed image VM is a copy of the version's disk, and each
+        workspace a full (copy-on-write) clone of it."""
+        return Holdings()
 
     # ---- records --------------------------------------------------------------------------
 
@@ -446,10 +249,10 @@ class TartRuntime(Runtime):
         entry: Mapping[str, Any] | None,
         address: str | None = None,
     ) -> Workspace:
-        running = _running(entry)
+        running = tart_cli.is_running(entry)
         if running and address is None:
             try:
-                address = vm_ip(name)
+                address = tart_cli.vm_ip(name)
             except CommandFailed as exc:  # one VM's trouble must not hide the others
                 log.warning("tart ip %s failed: %s", name, exc)
         endpoint = (
@@ -475,7 +278,7 @@ class TartRuntime(Runtime):
         )
 
     def _existing_vm(self, name: str) -> dict[str, Any]:
-        entry = local_vms().get(name)
+        entry = tart_cli.local_vms().get(name)
         if entry is None:
             raise NotFound(
                 f"workspace '{name}' has no Tart VM any more (deleted outside rockpool?)",
@@ -484,7 +287,7 @@ class TartRuntime(Runtime):
         return entry
 
     def _refuse_foreign_vm(self, name: str) -> None:
-        if name in local_vms():
+        if name in tart_cli.local_vms():
             raise Conflict(
                 f"Tart has a VM named '{name}' that is not a rockpool workspace",
                 hint=f"choose another name, or delete that VM: tart delete {name}",
@@ -510,9 +313,9 @@ class TartRuntime(Runtime):
                 "created": utc_now(),
             }
             with self._deleted_on_failure(name):
-                run_tart("clone", image_vm, name)  # APFS copy-on-write: O(1)
+                tart_cli.run_tart("clone", image_vm, name)  # APFS copy-on-write: O(1)
                 write_json_atomic(directory / RECORD, record)
-        return self._workspace(name, record, local_vms().get(name))
+        return self._workspace(name, record, tart_cli.local_vms().get(name))
 
     @contextlib.contextmanager
     def _deleted_on_failure(self, vm: str) -> Iterator[None]:
@@ -521,7 +324,7 @@ class TartRuntime(Runtime):
             yield
         except BaseException:
             with contextlib.suppress(RockpoolError):
-                run_tart("delete", vm)
+                tart_cli.run_tart("delete", vm)
             raise
 
     def start(
@@ -535,7 +338,7 @@ class TartRuntime(Runtime):
         with locked_workspace(self.root, name) as directory:
             record = read_record(self.root, name)
             entry = self._existing_vm(name)
-            if _running(entry):
+            if tart_cli.is_running(entry):
                 log.info("workspace %s is running already", name)
                 return self._workspace(name, record, entry)
             carrier = write_config_disk(
@@ -543,16 +346,12 @@ class TartRuntime(Runtime):
             )
             run_log = directory / RUN_LOG
             offset = run_log.stat().st_size if run_log.exists() else 0
-            tart = tart_executable()
             # Softnet: the guest reaches the internet and the host's NAT gateway only, no
             # other VM and no private network (docs/security.md).
             isolated = network.mode() is network.Network.ISOLATED
             record["network"] = "softnet" if isolated else "open"
             write_json_atomic(directory / RECORD, record)
-            argv = [tart, "run", name, "--no-graphics"]
-            argv += ["--net-softnet"] if isolated else []
-            argv += ["--disk", f"{carrier}:ro"]
-            pid = spawn(argv, log_path=run_log, env=tart_env(tart))
+            pid = tart_cli.spawn_run(name, disk=carrier, softnet=isolated, log_path=run_log)
             entry, address = self._wait_for_ip(name, pid, run_log, offset)
             return self._workspace(name, record, entry, address)
 
@@ -564,8 +363,8 @@ class TartRuntime(Runtime):
         seen_running = False
         while True:
             exited, status = _exit_status(pid)
-            entry = local_vms().get(name)
-            running = _running(entry)
+            entry = tart_cli.local_vms().get(name)
+            running = tart_cli.is_running(entry)
             if exited or (seen_running and not running):
                 how = f" (exit status {status})" if status is not None else ""
                 tail = _tail(run_log, offset)
@@ -578,7 +377,7 @@ class TartRuntime(Runtime):
             if running and entry is not None:
                 seen_running = True
                 # Only once the VM runs: a lease from its last run would answer at once.
-                address = vm_ip(name, wait=IP_POLL_SECONDS)
+                address = tart_cli.vm_ip(name, wait=IP_POLL_SECONDS)
                 if address:
                     return entry, address
             if time.monotonic() >= deadline:
@@ -610,23 +409,18 @@ class TartRuntime(Runtime):
         """
         with locked_workspace(self.root, name):
             record = read_record(self.root, name)
-            if _running(local_vms().get(name)):
+            if tart_cli.is_running(tart_cli.local_vms().get(name)):
                 if not self._request_guest_stop(name, timeout):
                     self._stop_vm(name, STOP_GRACE_SECONDS)
                 log.info("stopped %s", name)
-            return self._workspace(name, record, local_vms().get(name))
+            return self._workspace(name, record, tart_cli.local_vms().get(name))
 
     def _request_guest_stop(self, name: str, timeout: float) -> bool:
         """SIGUSR2 to the `tart run` that holds the VM; True once the VM has stopped."""
-        pid = run_lock_holder(vm_dir(name))
-        if pid == 0:
-            return True
-        try:
-            os.kill(pid, signal.SIGUSR2)
-        except ProcessLookupError:
+        if not tart_cli.request_stop(name):
             return True
         deadline = time.monotonic() + timeout
-        while run_lock_holder(vm_dir(name)) != 0:
+        while tart_cli.run_lock_holder(tart_cli.vm_dir(name)) != 0:
             if time.monotonic() >= deadline:
                 log.warning("%s did not power off within %.0f s; stopping it", name, timeout)
                 return False
@@ -634,12 +428,12 @@ class TartRuntime(Runtime):
         return True
 
     def _stop_vm(self, name: str, timeout: float) -> None:
-        with contextlib.suppress(_NotRunning):  # it stopped by itself meanwhile
-            run_tart("stop", name, "--timeout", str(math.ceil(max(timeout, 0.0))))
+        with contextlib.suppress(tart_cli.NotRunning):  # it stopped by itself meanwhile
+            tart_cli.run_tart("stop", name, "--timeout", str(math.ceil(max(timeout, 0.0))))
 
     def status(self, name: str) -> Workspace:
         record = read_record(self.root, name)
-        return self._workspace(name, record, local_vms().get(name))
+        return self._workspace(name, record, tart_cli.local_vms().get(name))
 
     def endpoint(self, name: str) -> Endpoint:
         workspace = self.status(name)
@@ -658,7 +452,7 @@ class TartRuntime(Runtime):
         check_name(new_name)
         with locked_workspace(self.root, source) as source_dir:
             record = read_record(self.root, source)
-            if _running(self._existing_vm(source)):
+            if tart_cli.is_running(self._existing_vm(source)):
                 raise Conflict(
                     f"workspace '{source}' is running; a clone of a running disk would not "
                     "be consistent",
@@ -674,16 +468,16 @@ class TartRuntime(Runtime):
                     "created": utc_now(),
                 }
                 with self._deleted_on_failure(new_name):
-                    run_tart("clone", source, new_name)  # with a new MAC address
+                    tart_cli.run_tart("clone", source, new_name)  # with a new MAC address
                     if (source_dir / AUTHORIZED_KEYS).is_file():
                         shutil.copyfile(source_dir / AUTHORIZED_KEYS, directory / AUTHORIZED_KEYS)
                     write_json_atomic(directory / RECORD, clone_record)
-        return self._workspace(new_name, clone_record, local_vms().get(new_name))
+        return self._workspace(new_name, clone_record, tart_cli.local_vms().get(new_name))
 
     def remove(self, name: str, force: bool = False) -> None:
         with locked_workspace(self.root, name) as directory:
-            entry = local_vms().get(name)
-            if _running(entry):
+            entry = tart_cli.local_vms().get(name)
+            if tart_cli.is_running(entry):
                 if not force:
                     raise Conflict(
                         f"workspace '{name}' is running",
@@ -692,12 +486,12 @@ class TartRuntime(Runtime):
                 self._stop_vm(name, 30.0)
             if entry is not None:
                 with contextlib.suppress(NotFound):
-                    run_tart("delete", name)
+                    tart_cli.run_tart("delete", name)
             trash = move_aside(directory)  # gone from view at once; deleted below
         remove_tree(trash)
 
     def list(self) -> builtins.list[Workspace]:
-        vms = local_vms()
+        vms = tart_cli.local_vms()
         records, _ = readable_records(self.root)
         return [self._workspace(name, record, vms.get(name)) for name, record in records.items()]
 

@@ -416,22 +416,3 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
-
-
-def create_overlay(base: Path, base_format: str, overlay: Path, size: int | None = None) -> None:
-    """A qcow2 overlay whose backing file is base: O(1) whatever base's size."""
-    argv: list[str | Path] = [
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        base_format,
-        "-b",
-        base,
-        overlay,
-    ]
-    if size is not None:
-        argv.append(str(size))
-    run(argv, umask=0o077)
