@@ -26,7 +26,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "bootstrap": ("build/bootstrap.py",),
     "provision": ("build/provision.py",),
     "disk": ("build/disk.py", "build/rootfs.py", "build/context.py", "arch.py"),
-    "formats": ("formats/*.py",),
+    "formats": ("formats/*.py", "tools/qemu_img.py", "tools/tart.py"),
 }
 
 

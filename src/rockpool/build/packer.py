@@ -24,13 +24,13 @@ from pathlib import Path
 
 from rockpool import tools
 from rockpool.build.context import BuildContext
-from rockpool.build.keys import input_digest
+from rockpool.build.keys import code_digests, input_digest
 from rockpool.build.outputs import write_formats
 from rockpool.build.plan import BuildPlan
 from rockpool.build.provision import installed_versions, setup_variables
 from rockpool.build.runner import BuildResult, run_build
 from rockpool.errors import InvalidInput, MissingTool, NotFound, SpecError
-from rockpool.files import link_or_copy, sha256_file
+from rockpool.files import link_or_copy
 from rockpool.formats import FormatJob, Output, OutputFormat
 from rockpool.formats.tart_oci import TartOciFormat, with_nvram
 from rockpool.progress import Reporter
@@ -322,12 +322,16 @@ def require_packer_host(spec: ImageSpec | None = None) -> None:
 
 
 def packer_input_digest(plan: BuildPlan, base_vm: str) -> str:
-    """The Linux path's inputs plus the builder, its base VM and this module's code.
+    """The Linux path's inputs plus the builder, its base VM and the Packer path's code.
 
     It differs from the Linux path's digest, so neither build is ever reused for the other.
     """
     return spec_digest(
-        plan.spec, input_digest(plan), "builder=packer", base_vm, sha256_file(Path(__file__))
+        plan.spec,
+        input_digest(plan),
+        "builder=packer",
+        base_vm,
+        *code_digests(["build/packer.py", "tools/packer.py", "tools/tart.py"]),
     )
 
 
