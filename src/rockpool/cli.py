@@ -18,7 +18,7 @@ from typing import Any
 import rockpool
 from rockpool import host, tools
 from rockpool import runtime as runtimes
-from rockpool.config_disk import write_carrier
+from rockpool.config_disk import make_config_disk
 from rockpool.errors import (
     ExitCode,
     Interrupted,
@@ -239,7 +239,7 @@ def _parse_env(pairs: Sequence[str]) -> dict[str, str]:
 
 def cmd_config_disk(args: argparse.Namespace, reporter: Reporter) -> int:
     env = {"ROCKPOOL_WORKSPACE_NAME": args.name, **_parse_env(args.env)}
-    path = write_carrier(Path(args.path), env, _read_keys(args.authorized_keys))
+    path = make_config_disk(Path(args.path), env, _read_keys(args.authorized_keys))
     _emit(args, {"path": str(path.resolve()), "env": env}, str(path))
     return 0
 
@@ -526,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = groups.add_parser(
         "config-disk",
         parents=[json_flag],
-        help="write a workspace config disk (the init contract's carrier)",
+        help="write a workspace config disk (the init contract's config disk)",
     )
     p.add_argument("path")
     p.add_argument("--name", required=True, help="ROCKPOOL_WORKSPACE_NAME")

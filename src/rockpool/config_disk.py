@@ -1,10 +1,10 @@
-"""The init contract's carrier: a small read-only config disk the worker attaches.
+"""The init contract's config disk: a small read-only disk the worker attaches.
 
 A whole-disk FAT filesystem labelled ROCKPOOL holding:
     env              ROCKPOOL_*=value lines (ROCKPOOL_WORKSPACE_NAME is required)
     authorized_keys  optional SSH public keys for the workspace user
 Every runtime can attach a raw disk file (Tart: `--disk PATH:ro`, QEMU: a read-only
-virtio-blk drive, Incus: a disk device), so one carrier serves them all. The guest's
+virtio-blk drive, Incus: a disk device), so one config disk serves them all. The guest's
 rockpool-init.service reads it at every boot; see docs/init-contract.md. Values and the
 whole env file have size caps (VALUE_LIMIT, ENV_LIMIT), checked here and again in the
 guest, so that reading it can never hold up the boot.
@@ -72,7 +72,7 @@ def render_env(env: Mapping[str, str]) -> str:
     return "".join(f"{key}={value}\n" for key, value in sorted(env.items()))
 
 
-def write_carrier(
+def make_config_disk(
     path: Path, env: Mapping[str, str], authorized_keys: str | None = None, *, validate: bool = True
 ) -> Path:
     """Write the config disk to path (replacing it atomically).

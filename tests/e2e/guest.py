@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rockpool.config_disk import write_carrier
+from rockpool.config_disk import make_config_disk
 from rockpool.store import Version
 from rockpool.tools.qemu import QemuVM, VMConfig, free_port
 from rockpool.tools.qemu_img import create_overlay
@@ -64,12 +64,12 @@ class Guest:
         self.disk = run_dir / "disk.qcow2"
         base_disk, base_format = base or (image.output_path("qcow2"), "qcow2")
         create_overlay(base_disk, base_format, self.disk, disk_size)
-        self.carrier = run_dir / "config.img"
+        self.config_disk = run_dir / "config.img"
         self.vm: QemuVM | None = None
 
     def configure(self, env: dict[str, str], *, validate: bool = True) -> None:
-        write_carrier(
-            self.carrier, env, self.ssh_key.with_suffix(".pub").read_text(), validate=validate
+        make_config_disk(
+            self.config_disk, env, self.ssh_key.with_suffix(".pub").read_text(), validate=validate
         )
 
     def start(self) -> None:
@@ -79,7 +79,7 @@ class Guest:
             disk=self.disk,
             disk_format="qcow2",
             run_dir=self.run_dir,
-            carrier=self.carrier,
+            config_disk=self.config_disk,
             forwards={8080: free_port(), 22: free_port()},
         )
         self.vm = QemuVM(config)

@@ -14,9 +14,9 @@ from rockpool.config_disk import (
     ENV_LIMIT,
     LABEL,
     VALUE_LIMIT,
+    make_config_disk,
     render_env,
     validate_env,
-    write_carrier,
 )
 from rockpool.errors import InvalidInput
 from rockpool.keys import KEYS_LIMIT
@@ -58,7 +58,7 @@ def mtype(image: Path, name: str) -> str:
 
 
 def test_written_disk_has_label_env_and_keys(tmp_path: Path) -> None:
-    image = write_carrier(
+    image = make_config_disk(
         tmp_path / "config.img",
         {"ROCKPOOL_WORKSPACE_NAME": "alice", "ROCKPOOL_TEAM": "blue"},
         "ssh-ed25519 AAAAtest user@host",
@@ -131,7 +131,7 @@ def test_env_cap_counts_the_rendered_file() -> None:
 def test_oversized_input_writes_nothing(tmp_path: Path, env: dict[str, str]) -> None:
     target = tmp_path / "config.img"
     with pytest.raises(InvalidInput, match="over the limit"):
-        write_carrier(target, env, "ssh-ed25519 AAAAtest user@host")
+        make_config_disk(target, env, "ssh-ed25519 AAAAtest user@host")
     assert not target.exists()
     assert not list(tmp_path.iterdir())
 
@@ -140,7 +140,7 @@ def test_the_disk_holds_the_largest_valid_input(tmp_path: Path) -> None:
     env = env_of_size(ENV_LIMIT)
     line = "ssh-ed25519 " + "A" * 68 + " user@host\n"
     keys = line * (KEYS_LIMIT // len(line))
-    image = write_carrier(tmp_path / "config.img", env, keys)
+    image = make_config_disk(tmp_path / "config.img", env, keys)
     assert mtype(image, "env") == render_env(env)
     assert mtype(image, "authorized_keys") == keys
 

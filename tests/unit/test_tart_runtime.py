@@ -136,7 +136,7 @@ def land_version(store: Store, *, architecture: str = "arm64", tart_output: bool
     return store.land(name, VERSION_ID, prepared, manifest)
 
 
-def carrier_env(runtime: TartRuntime, name: str) -> dict[str, str]:
+def config_disk_env(runtime: TartRuntime, name: str) -> dict[str, str]:
     image = runtime.root / name / "config.img"
     text = subprocess.run(
         ["mtype", "-i", str(image), "::env"],
@@ -268,7 +268,7 @@ def test_create_start_stop_remove(tart: Tart) -> None:
     assert (started.endpoint.port, started.endpoint.ssh_port) == (8080, 22)
     assert started.endpoint.url == f"http://{started.endpoint.host}:8080/"
     assert runtime.endpoint("alice") == started.endpoint
-    assert carrier_env(runtime, "alice") == {
+    assert config_disk_env(runtime, "alice") == {
         "ROCKPOOL_WORKSPACE_NAME": "alice",
         "ROCKPOOL_INSTANCE_ID": str(rec["instance_id"]),
         "ROCKPOOL_TEAM": "blue",
@@ -324,7 +324,7 @@ def test_clone_is_a_new_machine(tart: Tart) -> None:
     assert bob_rec["instance_id"] != alice_rec["instance_id"]
 
     runtime.start("bob")
-    env = carrier_env(runtime, "bob")
+    env = config_disk_env(runtime, "bob")
     assert env["ROCKPOOL_INSTANCE_ID"] == bob_rec["instance_id"]
     assert env["ROCKPOOL_WORKSPACE_NAME"] == "bob"
     assert (runtime.root / "bob" / "authorized_keys").read_text() == PUBLIC_KEY + "\n"

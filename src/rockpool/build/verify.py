@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rockpool.config_disk import write_carrier
+from rockpool.config_disk import make_config_disk
 from rockpool.errors import CommandFailed, InvalidInput, RockpoolError
 from rockpool.rundir import run_directory
 from rockpool.tools.qemu import QemuVM, VMConfig, free_port
@@ -76,7 +76,7 @@ def verify_boot(ctx: BuildContext) -> None:
     work.mkdir()
     overlay = work / "disk.qcow2"
     create_overlay(ctx.disk, "raw", overlay)
-    carrier = write_carrier(
+    config_disk = make_config_disk(
         work / "config.img",
         {"ROCKPOOL_WORKSPACE_NAME": "verify", "ROCKPOOL_INSTANCE_ID": uuid.uuid4().hex},
     )
@@ -89,7 +89,7 @@ def verify_boot(ctx: BuildContext) -> None:
             disk=overlay,
             disk_format="qcow2",
             run_dir=work,
-            carrier=carrier,
+            config_disk=config_disk,
             cpus=min(spec.cpus, os.cpu_count() or 1),
             memory_mib=spec.memory >> 20,
             forwards={8080: free_port(), 22: free_port()},

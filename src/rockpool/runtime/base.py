@@ -19,7 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from rockpool.config_disk import validate_env, write_carrier
+from rockpool.config_disk import make_config_disk, validate_env
 from rockpool.errors import Conflict, Damaged, InvalidInput, NotFound
 from rockpool.files import write_private
 from rockpool.keys import check_authorized_keys
@@ -353,7 +353,7 @@ def write_config_disk(
     env: Mapping[str, str] | None,
     authorized_keys: str | None,
 ) -> Path:
-    """DIRECTORY/config.img for one start of workspace NAME (the init contract's carrier).
+    """DIRECTORY/config.img for one start of workspace NAME (the init contract's config disk).
 
     ROCKPOOL_WORKSPACE_NAME is always the workspace's name and ROCKPOOL_INSTANCE_ID the
     record's, so a clone (new id) makes its own SSH host keys and machine-id. Keys given
@@ -375,7 +375,7 @@ def write_config_disk(
         else None
     )
     keys = given_keys or (keys_file.read_text() if keys_file.is_file() else None)
-    carrier = write_carrier(directory / CONFIG_DISK, variables, keys)
+    config_disk = make_config_disk(directory / CONFIG_DISK, variables, keys)
     if given_keys is not None:
         write_private(keys_file, given_keys)
-    return carrier
+    return config_disk

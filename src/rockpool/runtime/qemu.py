@@ -159,7 +159,7 @@ class QemuRuntime(Runtime):
                 disk=directory / DISK,
                 disk_format="qcow2",
                 run_dir=directory,
-                carrier=directory / "config.img",
+                config_disk=directory / "config.img",
                 cpus=record["cpus"],
                 memory_mib=record["memory_mib"],
                 mac=record["mac"],

@@ -341,7 +341,7 @@ class TartRuntime(Runtime):
             if tart_cli.is_running(entry):
                 log.info("workspace %s is running already", name)
                 return self._workspace(name, record, entry)
-            carrier = write_config_disk(
+            config_disk = write_config_disk(
                 directory, name, record["instance_id"], env, authorized_keys
             )
             run_log = directory / RUN_LOG
@@ -351,7 +351,7 @@ class TartRuntime(Runtime):
             isolated = network.mode() is network.Network.ISOLATED
             record["network"] = "softnet" if isolated else "open"
             write_json_atomic(directory / RECORD, record)
-            pid = tart_cli.spawn_run(name, disk=carrier, softnet=isolated, log_path=run_log)
+            pid = tart_cli.spawn_run(name, disk=config_disk, softnet=isolated, log_path=run_log)
             entry, address = self._wait_for_ip(name, pid, run_log, offset)
             return self._workspace(name, record, entry, address)
 

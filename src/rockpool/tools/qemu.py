@@ -86,7 +86,7 @@ class VMConfig:
     disk: Path
     disk_format: str
     run_dir: Path
-    carrier: Path | None = None
+    config_disk: Path | None = None
     cpus: int = 2
     memory_mib: int = 2048
     mac: str = field(default_factory=random_mac)
@@ -250,10 +250,10 @@ class QemuVM(QemuProcess):
         ]
         if c.run_as is not None:
             argv += runas_args(tools.QEMU_SYSTEM[c.arch], c.run_as)
-        if c.carrier is not None:
+        if c.config_disk is not None:
             argv += [
                 "-drive",
-                f"if=none,id=config,format=raw,readonly=on,file={option_value(c.carrier)}",
+                f"if=none,id=config,format=raw,readonly=on,file={option_value(c.config_disk)}",
                 "-device",
                 "virtio-blk-pci,drive=config",
             ]

@@ -240,7 +240,7 @@ MOUNT=/run/rockpool/config
 ENV_OUT=/run/rockpool/env
 WORKSPACE_USER=$(cat /usr/local/lib/rockpool/workspace-user)
 NAME_RULE='1 to 63 characters of a-z, 0-9 and -, not starting or ending with -'
-# The host's caps too (rockpool.carrier ENV_LIMIT, VALUE_LIMIT), checked again here: a
+# The host's caps too (rockpool.config_disk ENV_LIMIT, VALUE_LIMIT), checked again here: a
 # config disk written by another tool must not stall this service, and the boot.
 ENV_LIMIT=$((64 << 10))  # bytes of the whole env file
 VALUE_LIMIT=4096         # bytes of one value
