@@ -178,36 +178,3 @@ def test_the_listed_package_is_the_one_that_provides_the_program() -> None:
         checked += 1
     assert checked >= 10
 
-
-def rockpool_imports(path: Path) -> set[str]:
-    """The rockpool modules a module imports, as dotted names below rockpool."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "rockpool":
-                found |= {alias.name for alias in node.names}
-            elif node.module.startswith("rockpool."):
-                found.add(node.module.removeprefix("rockpool."))
-        elif isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names if alias.name.startswith("rockpool.")]
-            found |= {name.removeprefix("rockpool.") for name in names}
-    return found
-
-
-# What tools/ may import: the base modules, and tools/ itself.
-BASE_MODULES = {"errors", "command", "names", "units", "files", "arch", "progress", "rundir"}
-
-
-def test_tools_need_nothing_above_them() -> None:
-    for module in (SRC / "tools").glob("*.py"):
-        above = {
-            m for m in rockpool_imports(module) if m.split(".")[0] not in {*BASE_MODULES, "tools"}
-        }
-        assert above == set(), f"{module.name} imports {sorted(above)}"
-
-
-def test_no_build_step_format_or_push_imports_a_runtime() -> None:
-    modules = [*(SRC / "build").glob("*.py"), *(SRC / "formats").glob("*.py"), SRC / "push.py"]
-    for module in modules:
-        runtimes = {m for m in rockpool_imports(module) if m.split(".")[0] == "runtime"}
-        assert runtimes == set(), f"{module.relative_to(SRC)} imports {sorted(runtimes)}"
