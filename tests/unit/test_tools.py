@@ -177,4 +177,3 @@ def test_the_listed_package_is_the_one_that_provides_the_program() -> None:
         assert owner.split(":")[0] == package, f"{program} comes from {owner}, not {package}"
         checked += 1
     assert checked >= 10
-

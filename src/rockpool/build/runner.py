@@ -29,7 +29,6 @@ from rockpool.build.rootfs import LISTING, restore, snapshot
 from rockpool.build.verify import verify_boot
 from rockpool.errors import CommandFailed, RockpoolError
 from rockpool.files import link_tree, open_private
-from rockpool.formats import output_format
 from rockpool.progress import Reporter
 from rockpool.spec import ImageSpec
 from rockpool.store import Store, Version
@@ -279,11 +278,6 @@ def run_build(
                 keys = stage_keys(plan, ctx.source_date_epoch)
                 ctx.cache_plan = CachePlan(cache, keys, read=not force)
                 ctx.cache_plan.find_start(until)
-            # Every format backend is loaded with the formats package, before the build:
-            # a build runs for up to an hour and a half, and must not import code that
-            # was changed on disk meanwhile.
-            for name in spec.formats:
-                output_format(name)
             try:
                 for name, stage in stages:
                     with ctx.stage(name):

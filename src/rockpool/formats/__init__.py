@@ -15,6 +15,8 @@ from rockpool.formats.tart_oci import TartOciFormat
 
 __all__ = ["FORMATS", "FORMAT_NAMES", "FormatJob", "Output", "OutputFormat", "output_format"]
 
+# Every backend is imported with this package, before any build starts: a build runs
+# for up to an hour and a half and must not import code changed on disk meanwhile.
 FORMATS: dict[str, OutputFormat] = {
     backend.name: backend
     for backend in (RawFormat(), Qcow2Format(), TartBundleFormat(), TartOciFormat())
