@@ -14,7 +14,7 @@ from rockpool.store import Version
 from rockpool.tools.qemu import QemuVM, VMConfig, free_port
 from rockpool.tools.qemu_img import create_overlay
 
-BOOT_DEADLINE = 420.0  # generous: TCG on a loaded 2-core machine
+BOOT_DEADLINE = 900.0  # a failure detector: TCG on a slow, loaded 2-core machine
 
 
 def ssh_argv(key: Path, port: int, user: str, command: str) -> list[str]:
