@@ -1,13 +1,16 @@
 #!/bin/bash
 # Proves the host set-up on a clean machine: bootstraps a minimal Debian root of this
 # host's release, and inside it, in private namespaces, runs scripts/setup-host.sh
-# --with-tests from this checkout, then `rockpool host check --with-tests` and the
-# preflight and bootstrap of the small amd64 and arm64 test specs. A package missing
-# from the set-up fails it, whatever this host has installed by hand.
+# --with-tests from this checkout, then `rockpool host check --with-tests`, the
+# preflight and bootstrap of the small amd64 test spec and the preflight of the arm64
+# one (arch-test runs an arm64 program through qemu-user there). A package missing
+# from the set-up fails it, whatever this host has installed by hand. The arm64
+# bootstrap, all of it under emulation, is left to the suite, which builds that image
+# beside its other tests.
 #
 # Usage: sudo scripts/check-fresh-root.sh [STORE]
 #   STORE  the store (ROCKPOOL_HOME) the root's builds use; default: a scratch one.
-#          CI passes the test suite's store, so the suite starts from these bootstraps.
+#          CI passes the test suite's store, so the suite starts from the amd64 bootstrap.
 # The root's set-up downloads from the same Debian mirror and PyPI as the host's; behind
 # a TLS-intercepting proxy the host's CA bundle ($SSL_CERT_FILE) is handed in, as a
 # user behind one would configure it.
@@ -55,9 +58,10 @@ echo "==> scripts/setup-host.sh --with-tests, in the fresh root"
 scripts/setup-host.sh --with-tests
 echo "==> rockpool host check --with-tests"
 .venv/bin/rockpool host check --with-tests
-for spec in tests/specs/small.toml tests/specs/arm64.toml; do
-  echo "==> preflight and bootstrap of $spec ($(date -u +%H:%M:%S))"
-  .venv/bin/rockpool -q image build "$spec" --until bootstrap --json >"/tmp/$(basename "$spec").json"
+for spec_until in tests/specs/small.toml:bootstrap tests/specs/arm64.toml:preflight; do
+  spec=${spec_until%:*} until=${spec_until#*:}
+  echo "==> $spec until its $until ($(date -u +%H:%M:%S))"
+  .venv/bin/rockpool -q image build "$spec" --until "$until" --json >"/tmp/$(basename "$spec").json"
   cat "/tmp/$(basename "$spec").json"
 done
 INSIDE
@@ -93,4 +97,4 @@ unshare --mount --propagation private --pid --fork --kill-child bash -euo pipefa
   ROCKPOOL_HOME="$store" "${ca_env[@]}" "${proxy_env[@]}" \
   /bin/bash -c "$inside"
 
-step "the fresh root set itself up and bootstrapped both test specs in $(( $(date +%s) - started ))s"
+step "the fresh root set itself up and checked both test specs in $(( $(date +%s) - started ))s"
