@@ -17,14 +17,17 @@ from rockpool.errors import Conflict, InvalidInput, NotFound, RockpoolError
 from rockpool.runtime.base import State, Workspace
 from rockpool.runtime.qemu import QemuRuntime
 from rockpool.store import Store, Version
-from tests.e2e.conftest import DEFAULT_SPEC, REPO, run_rockpool
+from tests.e2e.conftest import MINIMAL_SPEC, REPO, run_rockpool
 from tests.e2e.guest import BOOT_DEADLINE, ssh_argv, wait_until
 
 pytestmark = pytest.mark.vm
+# The lifecycle runs on the minimal image (no code-server): every boot here waits for
+# SSH, in a fraction of the default image's boot; test_image.py boots that one.
+IMAGE = "test-small"
 
 
 @pytest.fixture
-def runtime(built_image: Version, store_home: Path) -> QemuRuntime:
+def runtime(minimal_image: Version, store_home: Path) -> QemuRuntime:
     return QemuRuntime(Store(store_home))
 
 
@@ -47,27 +50,24 @@ class Session:
         return result.stdout
 
     def wait_ready(self) -> None:
-        def healthy() -> bool:
-            if self.runtime.status(self.name).state != State.RUNNING:
-                raise AssertionError(f"{self.name} stopped while booting")
-            return (
-                subprocess.run(
-                    [
-                        "curl",
-                        "-fsS",
-                        "-o",
-                        "/dev/null",
-                        f"{self.runtime.endpoint(self.name).url}healthz",
-                    ],
-                    capture_output=True,
-                ).returncode
-                == 0
-            )
-
-        wait_until(healthy, BOOT_DEADLINE, f"{self.name} /healthz")
+        """code-server's /healthz where the image has code-server, then SSH."""
+        image = self.runtime.store.resolve(self.runtime.status(self.name).image)
+        if image.manifest["spec"]["code_server_version"]:
+            wait_until(self._healthy, BOOT_DEADLINE, f"{self.name} /healthz")
         wait_until(self._ssh_ok, BOOT_DEADLINE, f"{self.name} ssh")
 
+    def _running(self) -> None:
+        if self.runtime.status(self.name).state != State.RUNNING:
+            raise AssertionError(f"{self.name} stopped while booting")
+
+    def _healthy(self) -> bool:
+        self._running()
+        url = f"{self.runtime.endpoint(self.name).url}healthz"
+        probe = subprocess.run(["curl", "-fsS", "-o", "/dev/null", url], capture_output=True)
+        return probe.returncode == 0
+
     def _ssh_ok(self) -> bool:
+        self._running()
         try:
             self.ssh("true")
             return True
@@ -82,25 +82,25 @@ def start(runtime: QemuRuntime, name: str, key: Path) -> Session:
     return session
 
 
-def test_bad_input_leaves_nothing(runtime: QemuRuntime, built_image: Version) -> None:
+def test_bad_input_leaves_nothing(runtime: QemuRuntime, minimal_image: Version) -> None:
     with pytest.raises(InvalidInput):
-        runtime.create("Not_Valid", "workspace")
+        runtime.create("Not_Valid", IMAGE)
     with pytest.raises(NotFound):
         runtime.create("ok-name", "no-such-image")
     with pytest.raises(NotFound):
-        runtime.create("ok-name", "workspace:0123456789ab")
+        runtime.create("ok-name", f"{IMAGE}:0123456789ab")
     with pytest.raises(NotFound):
         runtime.start("never-created")
-    runtime.create("dup", "workspace")
+    runtime.create("dup", IMAGE)
     with pytest.raises(Conflict):
-        runtime.create("dup", "workspace")
+        runtime.create("dup", IMAGE)
     runtime.remove("dup")
     # Two creates of one name at once: exactly one wins, nothing half-made remains.
     results: list[object] = []
 
     def create() -> None:
         try:
-            results.append(runtime.create("race", "workspace"))
+            results.append(runtime.create("race", IMAGE))
         except RockpoolError as exc:
             results.append(exc)
 
@@ -127,12 +127,12 @@ def backing_chain(disk: Path) -> list[str]:
 
 
 def test_persistence_crash_and_clone(
-    runtime: QemuRuntime, built_image: Version, ssh_key: Path, tmp_path: Path
+    runtime: QemuRuntime, minimal_image: Version, ssh_key: Path, tmp_path: Path
 ) -> None:
-    created = runtime.create("persist", "workspace")
-    assert created.image == built_image.ref and created.state == State.STOPPED
+    created = runtime.create("persist", IMAGE)
+    assert created.image == minimal_image.ref and created.state == State.STOPPED
     disk = Path(created.details["disk"])
-    assert backing_chain(disk)[1] == str(built_image.output_path("qcow2"))
+    assert backing_chain(disk)[1] == str(minimal_image.output_path("qcow2"))
     assert disk.stat().st_size < 4 << 20  # an overlay, not a copy
     try:
         session = start(runtime, "persist", ssh_key)
@@ -161,10 +161,10 @@ def test_persistence_crash_and_clone(
         with pytest.raises(Conflict, match="running"):
             runtime.clone("persist", "copy")
         assert runtime.stop("persist").state == State.STOPPED
-        assert_filesystem_clean(disk, built_image, tmp_path)
+        assert_filesystem_clean(disk, minimal_image, tmp_path)
 
         clone = runtime.clone("persist", "copy")
-        assert clone.cloned_from == "persist" and clone.image == built_image.ref
+        assert clone.cloned_from == "persist" and clone.image == minimal_image.ref
         clone_disk = Path(clone.details["disk"])
         layer = backing_chain(clone_disk)[1]
         assert backing_chain(disk)[1] == layer  # both now sit on one shared, frozen layer
@@ -197,9 +197,9 @@ def assert_filesystem_clean(disk: Path, image: Version, tmp_path: Path) -> None:
 
 
 def test_image_updates_reach_new_workspaces_only(
-    runtime: QemuRuntime, built_image: Version, store_home: Path, ssh_key: Path, tmp_path: Path
+    runtime: QemuRuntime, minimal_image: Version, store_home: Path, ssh_key: Path, tmp_path: Path
 ) -> None:
-    runtime.create("old", "workspace")
+    runtime.create("old", IMAGE)
     try:
         start(runtime, "old", ssh_key)
         # An update of setup.sh: a new version of the same image, from the cached bootstrap.
@@ -208,10 +208,10 @@ def test_image_updates_reach_new_workspaces_only(
             (REPO / "images/scripts/setup.sh").read_text() + "\necho 2 > /etc/rockpool-update\n"
         )
         updated = tmp_path / "workspace.toml"
-        updated.write_text(f'extends = "{DEFAULT_SPEC}"\n[provision]\nscript = "{script}"\n')
+        updated.write_text(f'extends = "{MINIMAL_SPEC}"\n[provision]\nscript = "{script}"\n')
         # The image's archive state: an unlocked build keys its bootstrap on the archive's
         # Release date, which Debian may move between the two builds.
-        same_archive = {"SOURCE_DATE_EPOCH": str(built_image.manifest["source_date_epoch"])}
+        same_archive = {"SOURCE_DATE_EPOCH": str(minimal_image.manifest["source_date_epoch"])}
         rebuilt = run_rockpool(
             store_home,
             *("image", "build", str(updated), "--json", "--no-verify"),
@@ -220,21 +220,21 @@ def test_image_updates_reach_new_workspaces_only(
         )
         assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
         new_ref = json.loads(rebuilt.stdout)["image"]
-        assert new_ref != built_image.ref
+        assert new_ref != minimal_image.ref
         assert json.loads(rebuilt.stdout)["stages"]["bootstrap"] == "cached"
         assert runtime.status("old").state == State.RUNNING
-        assert runtime.status("old").image == built_image.ref
-        assert runtime.create("new", "workspace").image == new_ref
+        assert runtime.status("old").image == minimal_image.ref
+        assert runtime.create("new", IMAGE).image == new_ref
 
-        refused = run_rockpool(store_home, "image", "rm", built_image.ref)
+        refused = run_rockpool(store_home, "image", "rm", minimal_image.ref)
         assert refused.returncode == 6 and "old" in refused.stderr
         gc = json.loads(run_rockpool(store_home, "image", "gc", "--json").stdout)
-        assert built_image.ref not in gc["removed"]
-        assert any(k["image"] == built_image.ref and k["held_by"] == ["old"] for k in gc["kept"])
+        assert minimal_image.ref not in gc["removed"]
+        assert any(k["image"] == minimal_image.ref and k["held_by"] == ["old"] for k in gc["kept"])
         runtime.remove("old", force=True)
         gc = json.loads(run_rockpool(store_home, "image", "gc", "--json").stdout)
-        assert built_image.ref in gc["removed"]
-        assert not built_image.path.exists()
+        assert minimal_image.ref in gc["removed"]
+        assert not minimal_image.path.exists()
     finally:
         for name in ("old", "new"):
             with contextlib.suppress(NotFound):
@@ -251,7 +251,7 @@ def test_a_kvm_start_that_fails_ends_on_tcg_and_serves(
     """KVM forced past the probe: where it fails, as it does on these machines (QEMU
     aborts, or the guest stops in internal-error), start restarts the guest under TCG
     by itself and the workspace says why."""
-    runtime.create("kvmfall", "workspace")
+    runtime.create("kvmfall", IMAGE)
     try:
         started = subprocess.run(
             [
@@ -269,7 +269,7 @@ def test_a_kvm_start_that_fails_ends_on_tcg_and_serves(
             pytest.skip("KVM really runs guests on this host: there is no failure to recover")
         assert accelerator["name"] == "tcg"
         assert "a KVM guest failed at start" in accelerator["reason"]
-        Session(runtime, "kvmfall", ssh_key).wait_ready()  # /healthz and SSH under TCG
+        Session(runtime, "kvmfall", ssh_key).wait_ready()  # SSH answers under TCG
         assert runtime.status("kvmfall").details["accelerator"] == accelerator
         # The verdict holds for this boot of the host: an automatic start uses TCG.
         runtime.stop("kvmfall")
@@ -282,7 +282,7 @@ def test_a_kvm_start_that_fails_ends_on_tcg_and_serves(
 def test_sigterm_stops_the_cli_not_the_vm_and_a_paused_guest_stops_at_once(
     runtime: QemuRuntime, store_home: Path
 ) -> None:
-    runtime.create("signals", "workspace")
+    runtime.create("signals", IMAGE)
     try:
         runtime.start("signals")  # still in its firmware: deaf to the power button
         stop = subprocess.Popen(
