@@ -109,6 +109,18 @@ def _connects(host: str, port: int) -> bool:
         return False
 
 
+def _filter_state() -> str:
+    """What a failure needs to be understood: the filter and who each QEMU runs as."""
+    table = subprocess.run(
+        ["nft", "list", "table", "inet", "rockpool"], capture_output=True, text=True
+    )
+    processes = subprocess.run(
+        ["ps", "-eo", "uid,user,pid,args", "--sort", "pid"], capture_output=True, text=True
+    )
+    qemus = [line[:300] for line in processes.stdout.splitlines() if "qemu-system" in line]
+    return "\n".join([table.stdout + table.stderr, *qemus])
+
+
 def _host_address() -> str:
     """This host's first global IPv4 address, where a guest must not reach either."""
     out = subprocess.run(
@@ -134,11 +146,11 @@ def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def tenants(built_image: Version, store_home: Path, ssh_key: Path) -> Iterator[list[Session]]:
+def tenants(minimal_image: Version, store_home: Path, ssh_key: Path) -> Iterator[list[Session]]:
     runtime = QemuRuntime(Store(store_home))
     names = ["tenant-a", "tenant-b"]
     for name in names:
-        runtime.create(name, "workspace")
+        runtime.create(name, minimal_image.ref)
     sessions: dict[str, Session] = {}
     errors: list[BaseException] = []
 
@@ -200,7 +212,7 @@ def test_a_guest_reaches_the_internet_and_nothing_of_the_host(
         status, out = guest_curl(a, f"http://{internet}/")
         assert status == 0 and "internet-ok" in out, out
         for target, what in [
-            (f"10.0.2.2:{ends_b.port}/healthz", "B's code-server"),
+            (f"10.0.2.2:{ends_b.port}/healthz", "B's code-server forward"),
             (f"10.0.2.2:{ends_b.ssh_port}/", "B's SSH"),
             (f"10.0.2.2:{ends_a.port}/healthz", "its own code-server forward"),
             (f"10.0.2.2:{service}/", "a service on the host's 127.0.0.1"),
@@ -209,7 +221,9 @@ def test_a_guest_reaches_the_internet_and_nothing_of_the_host(
             (f"{INTERNET_HOST_SIDE}:{service}/", "the host's address on the veth"),
         ]:
             status, out = guest_curl(a, f"http://{target}")
-            assert status == CURL_COULD_NOT_CONNECT, f"{what} answered the guest: {out}"
+            assert status == CURL_COULD_NOT_CONNECT, (
+                f"{what} answered the guest: {out}\n{_filter_state()}"
+            )
 
 
 def test_no_other_local_user_reaches_a_workspace_or_reads_the_store(
