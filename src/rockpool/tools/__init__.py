@@ -60,6 +60,7 @@ PACKAGES: dict[str, str] = {
     "ip": "iproute2",  # the isolation test's stand-in internet, in a network namespace
     "env": "coreutils",
     "kill": "procps",
+    "ps": "procps",  # the isolation test names who each QEMU runs as
     "losetup": "mount",
     "lz4": "lz4",
     "mdir": "mtools",
@@ -141,6 +142,7 @@ TESTS = (
     "lz4",
     "mdir",
     "mtype",
+    "ps",
     "qemu-io",
     "setpriv",
     "ssh",
