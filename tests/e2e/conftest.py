@@ -16,7 +16,7 @@ from rockpool.store import Store, Version
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SPEC = REPO / "images" / "workspace.toml"
 # The default spec and setup.sh without code-server: the guest that the workspace
-# lifecycle and isolation tests boot, in a fraction of the default image's boot.
+# lifecycle and isolation tests boot, which need no code-server.
 MINIMAL_SPEC = REPO / "tests" / "specs" / "small.toml"
 # CI builds the small arm64 test spec; ROCKPOOL_TEST_ARM64_SPEC=images/workspace-arm64.toml
 # runs the same tests on the full image (an hour or more of emulated building).

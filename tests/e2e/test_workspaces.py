@@ -20,10 +20,9 @@ from rockpool.store import Store, Version
 from tests.e2e.conftest import MINIMAL_SPEC, REPO, run_rockpool
 from tests.e2e.guest import BOOT_DEADLINE, ssh_argv, wait_until
 
-pytestmark = pytest.mark.vm
 # The lifecycle runs on the minimal image (no code-server): every boot here waits for
-# SSH, in a fraction of the default image's boot; test_image.py boots that one.
-IMAGE = "test-small"
+# SSH; code-server's own tests, in test_image.py, boot the default image.
+pytestmark = pytest.mark.vm
 
 
 @pytest.fixture
@@ -84,23 +83,23 @@ def start(runtime: QemuRuntime, name: str, key: Path) -> Session:
 
 def test_bad_input_leaves_nothing(runtime: QemuRuntime, minimal_image: Version) -> None:
     with pytest.raises(InvalidInput):
-        runtime.create("Not_Valid", IMAGE)
+        runtime.create("Not_Valid", minimal_image.name)
     with pytest.raises(NotFound):
         runtime.create("ok-name", "no-such-image")
     with pytest.raises(NotFound):
-        runtime.create("ok-name", f"{IMAGE}:0123456789ab")
+        runtime.create("ok-name", f"{minimal_image.name}:0123456789ab")
     with pytest.raises(NotFound):
         runtime.start("never-created")
-    runtime.create("dup", IMAGE)
+    runtime.create("dup", minimal_image.name)
     with pytest.raises(Conflict):
-        runtime.create("dup", IMAGE)
+        runtime.create("dup", minimal_image.name)
     runtime.remove("dup")
     # Two creates of one name at once: exactly one wins, nothing half-made remains.
     results: list[object] = []
 
     def create() -> None:
         try:
-            results.append(runtime.create("race", IMAGE))
+            results.append(runtime.create("race", minimal_image.name))
         except RockpoolError as exc:
             results.append(exc)
 
@@ -129,7 +128,7 @@ def backing_chain(disk: Path) -> list[str]:
 def test_persistence_crash_and_clone(
     runtime: QemuRuntime, minimal_image: Version, ssh_key: Path, tmp_path: Path
 ) -> None:
-    created = runtime.create("persist", IMAGE)
+    created = runtime.create("persist", minimal_image.name)
     assert created.image == minimal_image.ref and created.state == State.STOPPED
     disk = Path(created.details["disk"])
     assert backing_chain(disk)[1] == str(minimal_image.output_path("qcow2"))
@@ -199,7 +198,7 @@ def assert_filesystem_clean(disk: Path, image: Version, tmp_path: Path) -> None:
 def test_image_updates_reach_new_workspaces_only(
     runtime: QemuRuntime, minimal_image: Version, store_home: Path, ssh_key: Path, tmp_path: Path
 ) -> None:
-    runtime.create("old", IMAGE)
+    runtime.create("old", minimal_image.name)
     try:
         start(runtime, "old", ssh_key)
         # An update of setup.sh: a new version of the same image, from the cached bootstrap.
@@ -224,7 +223,7 @@ def test_image_updates_reach_new_workspaces_only(
         assert json.loads(rebuilt.stdout)["stages"]["bootstrap"] == "cached"
         assert runtime.status("old").state == State.RUNNING
         assert runtime.status("old").image == minimal_image.ref
-        assert runtime.create("new", IMAGE).image == new_ref
+        assert runtime.create("new", minimal_image.name).image == new_ref
 
         refused = run_rockpool(store_home, "image", "rm", minimal_image.ref)
         assert refused.returncode == 6 and "old" in refused.stderr
@@ -246,12 +245,12 @@ def cli_env(store_home: Path, **extra: str) -> dict[str, str]:
 
 
 def test_a_kvm_start_that_fails_ends_on_tcg_and_serves(
-    runtime: QemuRuntime, store_home: Path, ssh_key: Path
+    runtime: QemuRuntime, minimal_image: Version, store_home: Path, ssh_key: Path
 ) -> None:
     """KVM forced past the probe: where it fails, as it does on these machines (QEMU
     aborts, or the guest stops in internal-error), start restarts the guest under TCG
     by itself and the workspace says why."""
-    runtime.create("kvmfall", IMAGE)
+    runtime.create("kvmfall", minimal_image.name)
     try:
         started = subprocess.run(
             [
@@ -280,9 +279,9 @@ def test_a_kvm_start_that_fails_ends_on_tcg_and_serves(
 
 
 def test_sigterm_stops_the_cli_not_the_vm_and_a_paused_guest_stops_at_once(
-    runtime: QemuRuntime, store_home: Path
+    runtime: QemuRuntime, minimal_image: Version, store_home: Path
 ) -> None:
-    runtime.create("signals", IMAGE)
+    runtime.create("signals", minimal_image.name)
     try:
         runtime.start("signals")  # still in its firmware: deaf to the power button
         stop = subprocess.Popen(
