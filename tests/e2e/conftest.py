@@ -55,7 +55,7 @@ class BackgroundBuild:
 
     The arm64 test image is built under qemu-user emulation: mostly one busy core for
     many minutes. With idle=True it runs at the lowest CPU priority, on what the tests
-    in front leave over, so their boots keep the pace they have alone.
+    in front leave over (they still run about 9 % slower beside it: BENCHMARKS.md).
     """
 
     def __init__(self, home: Path, spec: Path, work: Path, *extra: str, idle: bool = False) -> None:
