@@ -151,9 +151,43 @@ def install_packages(packages: list[str]) -> None:
             "this host has no apt-get; install these packages by hand: " + " ".join(packages)
         )
     env = {"DEBIAN_FRONTEND": "noninteractive"}
+    suite = tools.BACKPORTS_SUITES.get(os_codename() or "")
+    if suite is not None and any(p in tools.BACKPORTED for p in packages):
+        add_backports(suite)
+        packages = [f"{p}/{suite}" if p in tools.BACKPORTED else p for p in packages]
     run(["apt-get", "update", "-q"], env=clean_environment(env))
     # No Recommends: every package a job needs is in the list (tools.py), by name.
     run(
         ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
         env=clean_environment(env),
+    )
+
+
+def os_codename(os_release: Path = Path("/etc/os-release")) -> str | None:
+    """VERSION_CODENAME of /etc/os-release (bookworm, trixie), if it says."""
+    try:
+        lines = os_release.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key == "VERSION_CODENAME":
+            return value.strip().strip('"') or None
+    return None
+
+
+BACKPORTS_SOURCE = Path("/etc/apt/sources.list.d/rockpool-backports.sources")
+
+
+def add_backports(suite: str) -> None:
+    """An apt source for Debian's backports suite. Backports never replace a package by
+    themselves (apt prefers the release): only a package asked for as PACKAGE/SUITE
+    comes from there."""
+    BACKPORTS_SOURCE.write_text(
+        "# Written by `rockpool host setup`: Incus is in Debian 12's backports only.\n"
+        "Types: deb\n"
+        "URIs: http://deb.debian.org/debian\n"
+        f"Suites: {suite}\n"
+        "Components: main\n"
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
     )

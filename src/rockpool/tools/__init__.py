@@ -46,6 +46,8 @@ PACKAGES: dict[str, str] = {
     "qemu-x86_64-static": "qemu-user-static",
     "sfdisk": "fdisk",
     "skopeo": "skopeo",
+    "mksquashfs": "squashfs-tools",  # the incus-container format's root
+    "incus": "incus-client",  # the Incus runtime's one interface to Incus (tools/incus.py)
     "tar": "tar",
     "unshare": "util-linux",
     "update-binfmts": "binfmt-support",
@@ -61,8 +63,10 @@ PACKAGES: dict[str, str] = {
     "env": "coreutils",
     "kill": "procps",
     "ps": "procps",  # the isolation test names who each QEMU runs as
+    "pkill": "procps",  # ends containers that outlived an incusd the tests killed
     "losetup": "mount",
     "lz4": "lz4",
+    "mkfs.btrfs": "btrfs-progs",  # incusd formats the tests' copy-on-write pool with it
     "mdir": "mtools",
     "mtype": "mtools",
     "qemu-io": "qemu-utils",
@@ -71,6 +75,13 @@ PACKAGES: dict[str, str] = {
     "ssh-keygen": "openssh-client",
     "umount": "mount",
 }
+# Packages Debian 12 (bookworm) has only in its backports: installed from there, each
+# with only the dependencies it needs from there (not a newer QEMU, say). Debian 13
+# has them in main.
+BACKPORTED = ("incus-client", "incus-base")
+BACKPORTS_SUITES = {"bookworm": "bookworm-backports"}
+# The daemons the tests start themselves, by package: not programs on PATH.
+TEST_DAEMONS = {"incusd": ("incus-base", "/usr/libexec/incus/incusd")}
 # Packages whose files, not programs, rockpool uses: UEFI firmware for each guest
 # architecture, and the CA bundle behind registry downloads.
 FIRMWARE_PACKAGES = {"amd64": "ovmf", "arm64": "qemu-efi-aarch64"}
@@ -121,11 +132,14 @@ FORMAT_PROGRAMS: dict[str, tuple[str, ...]] = {
     "qcow2": ("qemu-img",),
     "tart": ("cp",),
     "tart-oci": (),
+    "incus": (),
+    "incus-container": ("mksquashfs",),
 }
 QEMU_SYSTEM = {name: f"qemu-system-{arch.qemu}" for name, arch in ARCHITECTURES.items()}
 CONFIG_DISK = ("mkfs.vfat", "mcopy")
 WORKSPACES = ("qemu-img", *CONFIG_DISK, "nft", "useradd")
 PUSH = ("skopeo",)
+INCUS_RUNTIME = ("incus",)
 HOST_SETUP = ("apt-get", "mount", "update-binfmts")
 TESTS = (
     "blkid",
@@ -141,7 +155,9 @@ TESTS = (
     "losetup",
     "lz4",
     "mdir",
+    "mkfs.btrfs",
     "mtype",
+    "pkill",
     "ps",
     "qemu-io",
     "setpriv",
@@ -167,7 +183,8 @@ def install_hint(programs: list[str] | tuple[str, ...]) -> str:
 def all_packages(*, with_tests: bool = False) -> list[str]:
     """What the host set-up installs: every job's packages, and with_tests the suite's."""
     programs = [program for program in PACKAGES if with_tests or program not in TESTS]
-    return sorted({PACKAGES[program] for program in programs} | set(DATA_PACKAGES))
+    daemons = {package for package, _ in TEST_DAEMONS.values()} if with_tests else set()
+    return sorted({PACKAGES[program] for program in programs} | set(DATA_PACKAGES) | daemons)
 
 
 def missing(programs: Iterable[str]) -> list[str]:
