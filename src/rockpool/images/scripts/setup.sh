@@ -232,11 +232,13 @@ configure_system() {
 #!/bin/bash
 # Reads the Rockpool config disk (label ROCKPOOL) at every boot and applies it:
 # ROCKPOOL_* variables for code-server, SSH keys for the workspace user, the hostname.
+# A system container has no disks: its runtime writes the same two files into CARRIER.
 # See docs/init-contract.md in the rockpool repository.
 set -euo pipefail
 LABEL=ROCKPOOL
 DEVICE=/dev/disk/by-label/$LABEL
 MOUNT=/run/rockpool/config
+CARRIER=/etc/rockpool/carrier
 ENV_OUT=/run/rockpool/env
 WORKSPACE_USER=$(cat /usr/local/lib/rockpool/workspace-user)
 NAME_RULE='1 to 63 characters of a-z, 0-9 and -, not starting or ending with -'
@@ -286,18 +288,27 @@ rm -f "$ENV_OUT"
 home=$(getent passwd "$WORKSPACE_USER" | cut -d: -f6)
 keys=$home/.ssh/authorized_keys
 
-# Wait for this one device only: a full `udevadm settle` costs seconds at every boot.
-# The wait is long because udev's coldplug can take 20 s under emulation.
-if ! udevadm wait --timeout=45 "$DEVICE" 2>/dev/null && [ ! -e "$DEVICE" ]; then
-  rm -f "$keys"  # keys come from the config disk of this boot, or there are none
-  fail "no config disk with label $LABEL is attached, so ROCKPOOL_WORKSPACE_NAME is unset; code-server will not start (attach one: see docs/init-contract.md)"
+if systemd-detect-virt --container --quiet; then
+  if [ ! -f "$CARRIER/env" ]; then
+    rm -f "$keys"
+    fail "no $CARRIER/env in this container, so ROCKPOOL_WORKSPACE_NAME is unset; code-server will not start (its runtime writes it at each start: see docs/init-contract.md)"
+  fi
+  MOUNT=$CARRIER
+else
+  # Wait for this one device only: a full `udevadm settle` costs seconds at every boot.
+  # The wait is long because udev's coldplug can take 20 s under emulation.
+  if ! udevadm wait --timeout=45 "$DEVICE" 2>/dev/null && [ ! -e "$DEVICE" ]; then
+    rm -f "$keys"  # keys come from the config disk of this boot, or there are none
+    fail "no config disk with label $LABEL is attached, so ROCKPOOL_WORKSPACE_NAME is unset; code-server will not start (attach one: see docs/init-contract.md)"
+  fi
+  mkdir -p "$MOUNT"
+  mountpoint -q "$MOUNT" && umount "$MOUNT"
+  mount -o ro,nosuid,nodev,noexec "$DEVICE" "$MOUNT"
+  trap 'umount "$MOUNT" 2>/dev/null || true' EXIT
 fi
-mkdir -p "$MOUNT"
-mountpoint -q "$MOUNT" && umount "$MOUNT"
-mount -o ro,nosuid,nodev,noexec "$DEVICE" "$MOUNT"
-trap 'umount "$MOUNT" 2>/dev/null || true' EXIT
 
-if [ -f "$MOUNT/authorized_keys" ]; then
+# An empty file is no keys (a container's runtime writes one when it has none).
+if [ -s "$MOUNT/authorized_keys" ]; then
   install -d -m 0700 -o "$WORKSPACE_USER" -g "$WORKSPACE_USER" "$home/.ssh"
   install -m 0600 -o "$WORKSPACE_USER" -g "$WORKSPACE_USER" "$MOUNT/authorized_keys" "$keys"
   echo "rockpool-init: installed SSH authorized keys for $WORKSPACE_USER"
@@ -390,6 +401,28 @@ UNIT
 Wants=rockpool-hostkeys.service
 After=rockpool-hostkeys.service
 UNIT
+  # A copied system container (Incus) has no initramfs to forget its source's identity
+  # in: the image's template for `incus copy` leaves this marker, and an empty
+  # machine-id, which systemd fills anew.
+  write_file /etc/systemd/system/rockpool-identity.service 0644 <<'UNIT'
+[Unit]
+Description=Forget the SSH host keys of the container this one was copied from
+ConditionVirtualization=container
+ConditionPathExists=/var/lib/rockpool/new-identity
+Before=rockpool-hostkeys.service ssh.service
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub /var/lib/rockpool/new-identity'
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+  # A container's root is its runtime's to mount: fstab's disk entries do not apply.
+  write_file /etc/systemd/system/systemd-remount-fs.service.d/50-rockpool.conf 0644 <<'UNIT'
+[Unit]
+ConditionVirtualization=!container
+UNIT
   write_file /etc/ssh/sshd_config.d/50-rockpool.conf 0644 <<'CONF'
 # Rockpool workspaces: key-only SSH; keys come from the config disk.
 PasswordAuthentication no
@@ -427,6 +460,7 @@ GROW
 [Unit]
 Description=Grow the root partition and filesystem to fill the disk
 After=local-fs.target
+ConditionVirtualization=!container
 
 [Service]
 Type=oneshot
@@ -454,7 +488,8 @@ NET
 SystemMaxUse=100M
 CONF
 
-  systemctl enable ssh.service rockpool-init.service rockpool-growroot.service
+  systemctl enable ssh.service rockpool-init.service rockpool-growroot.service \
+    rockpool-identity.service
   if [ -n "$WITH_CODE_SERVER" ]; then
     systemctl enable code-server.service
   else
