@@ -46,6 +46,8 @@ def time_tart_oci(version: Version, scratch: Path) -> dict[str, Any]:
     spec = load_spec(SPEC)
     job = FormatJob(
         image=spec.name,
+        description=spec.description,
+        suite=spec.suite,
         architecture=spec.architecture,
         cpus=spec.cpus,
         memory=spec.memory,

@@ -20,7 +20,7 @@ from typing import Any
 from rockpool.arch import NAMES, host_architecture
 from rockpool.errors import SpecError
 from rockpool.files import NotRegularFile, TooLarge, read_regular, write_whole
-from rockpool.formats import ARM64_ONLY_FORMATS, FORMAT_NAMES
+from rockpool.formats import ARM64_ONLY_FORMATS, FORMAT_NAMES, output_format
 from rockpool.names import SLUG_RULE, is_slug
 from rockpool.units import parse_size
 
@@ -410,6 +410,16 @@ def load_spec(path: Path) -> ImageSpec:
             hint='set image.architecture = "arm64" (as images/workspace-arm64.toml does), '
             "or drop the Tart formats",
         )
+    for name in formats:
+        absent = [needed for needed in output_format(name).requires if needed not in formats]
+        if absent:
+            raise SpecError(
+                origin.get(("image", "formats"), top),
+                "image.formats",
+                f"the {name} format needs {', '.join(absent)} in the same version "
+                f"(it is imported beside it), but image.formats has no {', '.join(absent)}",
+                hint=f"add {', '.join(repr(a) for a in absent)} to image.formats",
+            )
     return ImageSpec(
         path=top,
         name=merged[("image", "name")],

@@ -46,7 +46,7 @@ def test_default_spec_is_valid_and_has_the_kitchen_sink() -> None:
     assert spec.suite == "trixie"
     assert spec.architecture in ("amd64", "arm64")
     assert spec.disk_size == 20 << 30
-    assert spec.formats == ("raw", "qcow2")
+    assert spec.formats == ("raw", "qcow2", "incus", "incus-container")
     for package in (
         "git",
         "openssh-server",
@@ -204,3 +204,13 @@ def test_the_arm64_specs_share_the_default_spec_and_script() -> None:
     assert arm64.code_server_version == default.code_server_version
     test_spec = load_spec(REPO / "tests" / "specs" / "arm64.toml")
     assert test_spec.setup_script == default.setup_script and test_spec.architecture == "arm64"
+
+
+def test_a_format_without_the_one_it_needs_names_both(spec_dir: Path) -> None:
+    text = MINIMAL.replace('name = "mini"', 'name = "mini"\nformats = ["raw", "incus"]')
+    with pytest.raises(SpecError) as caught:
+        load_spec(write(spec_dir, text))
+    message = str(caught.value)
+    assert "image.formats" in message and "spec.toml" in message
+    assert "incus format needs qcow2" in message
+    assert "'qcow2'" in (caught.value.hint or "")

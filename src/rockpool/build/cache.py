@@ -395,8 +395,9 @@ class CachePlan:
     def release(self) -> None:
         self.hold.close()
 
-    def find_start(self, until: str | None = None) -> None:
-        """The latest cached result to start from; with until, none after that stage.
+    def find_start(self, until: str | None = None, *, need_root: bool = False) -> None:
+        """The latest cached result to start from; with until, none after that stage;
+        with need_root (a format reads the root tree), none after the provisioned root.
         Holds the store's lock shared until release(), when there is one to restore."""
         if not self.read:
             return
@@ -404,6 +405,8 @@ class CachePlan:
         last = CACHED_STAGES.index(until) + 1 if until in CACHED_STAGES else len(CACHED_STAGES)
         if until == "preflight":
             last = 0
+        if need_root:
+            last = min(last, CACHED_STAGES.index("provision") + 1)
         for stage in reversed(CACHED_STAGES[:last]):
             entry = self.cache.get(stage, self.keys.of(stage))
             if entry is not None:

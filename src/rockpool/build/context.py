@@ -113,6 +113,8 @@ class BuildContext:
         spec = self.spec
         return FormatJob(
             image=spec.name,
+            description=spec.description,
+            suite=spec.suite,
             architecture=spec.architecture,
             cpus=spec.cpus,
             memory=spec.memory,
@@ -122,6 +124,7 @@ class BuildContext:
             raw_disk=self.disk,
             out_dir=self.outputs_dir,
             work=self.work,
+            root=self.root if (self.root / "usr").is_dir() else None,
         )
 
     def require_cache_plan(self) -> CachePlan:

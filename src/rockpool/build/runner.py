@@ -29,6 +29,7 @@ from rockpool.build.rootfs import LISTING, restore, snapshot
 from rockpool.build.verify import verify_boot
 from rockpool.errors import CommandFailed, RockpoolError
 from rockpool.files import link_tree, open_private
+from rockpool.formats import output_format
 from rockpool.progress import Reporter
 from rockpool.spec import ImageSpec
 from rockpool.store import Store, Version
@@ -77,6 +78,16 @@ class BuildResult:
 
 
 # ---- the cache-aware stages ---------------------------------------------------------------
+
+
+def _root_wanted(plan: CachePlan, spec: ImageSpec) -> bool:
+    """Whether a format that reads the root tree has no cached output: the build must
+    then have the root, so it starts no later than the provisioned root."""
+    return any(
+        output_format(name).needs_root
+        and plan.cache.get("formats", plan.keys.formats[name]) is None
+        for name in spec.formats
+    )
 
 
 def cached_preflight(ctx: BuildContext) -> None:
@@ -277,7 +288,7 @@ def run_build(
             if cache is not None:
                 keys = stage_keys(plan, ctx.source_date_epoch)
                 ctx.cache_plan = CachePlan(cache, keys, read=not force)
-                ctx.cache_plan.find_start(until)
+                ctx.cache_plan.find_start(until, need_root=_root_wanted(ctx.cache_plan, spec))
             try:
                 for name, stage in stages:
                     with ctx.stage(name):

@@ -8,6 +8,7 @@ which validates format names against FORMATS.
 from __future__ import annotations
 
 from rockpool.formats.base import FormatJob, Output, OutputFormat
+from rockpool.formats.incus import IncusContainerFormat, IncusVmFormat
 from rockpool.formats.qcow2 import Qcow2Format
 from rockpool.formats.raw import RawFormat
 from rockpool.formats.tart import TartBundleFormat
@@ -19,7 +20,14 @@ __all__ = ["FORMATS", "FORMAT_NAMES", "FormatJob", "Output", "OutputFormat", "ou
 # for up to an hour and a half and must not import code changed on disk meanwhile.
 FORMATS: dict[str, OutputFormat] = {
     backend.name: backend
-    for backend in (RawFormat(), Qcow2Format(), TartBundleFormat(), TartOciFormat())
+    for backend in (
+        RawFormat(),
+        Qcow2Format(),
+        TartBundleFormat(),
+        TartOciFormat(),
+        IncusVmFormat(),
+        IncusContainerFormat(),
+    )
 }
 FORMAT_NAMES = tuple(FORMATS)
 # Tart runs only arm64 guests (Apple Silicon).

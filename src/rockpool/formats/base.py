@@ -16,6 +16,8 @@ class FormatJob:
     to report progress, and the paths it reads and writes."""
 
     image: str
+    description: str
+    suite: str
     architecture: str
     cpus: int
     memory: int  # bytes
@@ -25,6 +27,9 @@ class FormatJob:
     raw_disk: Path  # the assembled disk; final, never written by a format
     out_dir: Path  # the version directory the format writes into
     work: Path  # the build's scratch directory
+    # The finished root tree the disk was made from, for formats with needs_root; None
+    # where the build has none (the Packer path, whose disk a VM wrote).
+    root: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,11 @@ class OutputFormat(ABC):
     filename: str
     # The guest architectures its runtime runs.
     architectures: tuple[str, ...] = ("amd64", "arm64")
+    # Formats this one's runtime also needs in the version (Incus's VM image: the qcow2).
+    requires: tuple[str, ...] = ()
+    # Whether it reads the root tree rather than the disk: a build whose disk comes
+    # from the stage cache then assembles the disk again, from the cached root.
+    needs_root: bool = False
 
     @abstractmethod
     def write(self, job: FormatJob) -> Output:
