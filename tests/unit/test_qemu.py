@@ -188,3 +188,19 @@ def test_port_forwards_bind_loopback_only(tmp_path: Path) -> None:
     assert "hostfwd=tcp:127.0.0.1:12345-:8080" in netdev
     assert "hostfwd=tcp:127.0.0.1:12346-:22" in netdev
     assert "hostfwd=tcp::" not in netdev
+
+
+def test_a_guest_kernel_panic_on_the_console_is_found(tmp_path: Path) -> None:
+    from rockpool.tools.qemu import PANIC_WINDOW, kernel_panic
+
+    console = tmp_path / "console.log"
+    assert kernel_panic(console) is None  # no console yet
+    console.write_text("x" * (PANIC_WINDOW * 3) + "\n[    2.1] Booting\n")
+    assert kernel_panic(console) is None
+    with open(console, "a") as handle:
+        handle.write(
+            "[    2.109282] Kernel panic - not syncing: Fatal exception in interrupt\n"
+            "[    4.042659] ---[ end Kernel panic - not syncing: Fatal exception ]---\n"
+        )
+    found = kernel_panic(console)
+    assert found is not None and found.endswith("Fatal exception in interrupt")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from rockpool.config_disk import make_config_disk
 from rockpool.errors import CommandFailed, InvalidInput, RockpoolError
 from rockpool.rundir import run_directory
-from rockpool.tools.qemu import QemuVM, VMConfig, free_port
+from rockpool.tools.qemu import PANICKED, QemuVM, VMConfig, free_port
 from rockpool.tools.qemu_img import create_overlay
 
 if TYPE_CHECKING:
@@ -35,6 +35,17 @@ TIMEOUT_VARIABLE = "ROCKPOOL_VERIFY_TIMEOUT"
 # a contended host takes longer.
 DEFAULT_TIMEOUT = 1200.0
 POLL_SECONDS = 1.0  # between readiness checks
+
+
+PANIC_RETRIES = 1  # a guest kernel panic under TCG is booted again once
+
+
+class GuestPanicked(Exception):
+    """The verifying boot's guest kernel panicked (the console says so)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class VerificationFailed(RockpoolError):
@@ -98,13 +109,28 @@ def verify_boot(ctx: BuildContext) -> None:
     )
     how = "/healthz" if spec.code_server_version else "SSH"
     started = time.monotonic()
+    panics: list[str] = []
     try:
-        # Attached: QEMU dies with the build, whatever kills it.
-        with contextlib.ExitStack() as attached:
-            verdict = vm.start(attach=attached)
-            ctx.reporter.status(f"booting under {verdict.accelerator}; waiting for {how}")
-            _wait(vm, how, started + timeout)
-            seconds = round(time.monotonic() - started, 1)
+        while True:
+            try:
+                # Attached: QEMU dies with the build, whatever kills it.
+                with contextlib.ExitStack() as attached:
+                    verdict = vm.start(attach=attached)
+                    ctx.reporter.status(f"booting under {verdict.accelerator}; waiting for {how}")
+                    _wait(vm, how, started + timeout)
+                    seconds = round(time.monotonic() - started, 1)
+                break
+            except GuestPanicked as exc:
+                # Multi-threaded TCG rarely runs stale code across vCPUs while the kernel
+                # patches itself (RELIABILITY.md): boot once more, from a fresh overlay.
+                panics.append(exc.reason)
+                if len(panics) > PANIC_RETRIES:
+                    _fail(vm, f"the VM is failed ({exc.reason}), at every boot")
+                ctx.reporter.info(f"verify: {exc.reason}; booting once more")
+                log.info("the panicked boot's console:\n%s", _console_tail(vm.console_log, 60))
+                vm.console_log.unlink(missing_ok=True)
+                overlay.unlink()
+                create_overlay(ctx.disk, "raw", overlay)
     finally:
         vm.qmp_socket.unlink(missing_ok=True)
         overlay.unlink(missing_ok=True)
@@ -114,6 +140,7 @@ def verify_boot(ctx: BuildContext) -> None:
         "accelerator": verdict.accelerator,
         "accelerator_reason": verdict.reason,
         "seconds": seconds,
+        "panics": panics,
     }
     ctx.reporter.info(f"verify: {how} answered {seconds:.0f}s after QEMU started")
 
@@ -121,6 +148,8 @@ def verify_boot(ctx: BuildContext) -> None:
 def _wait(vm: QemuVM, how: str, deadline: float) -> None:
     while time.monotonic() < deadline:
         state = vm.state()
+        if state.state == "failed" and (state.reason or "").startswith(PANICKED):
+            raise GuestPanicked(state.reason or PANICKED)
         if state.state != "running":
             _fail(vm, f"the VM is {state.state}" + (f" ({state.reason})" if state.reason else ""))
         if how == "SSH":

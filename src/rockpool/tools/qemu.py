@@ -95,6 +95,13 @@ class VMConfig:
     qmp_socket: Path | None = None
     # The user QEMU drops root for once it is set up (network.py), or None to stay.
     run_as: str | None = None
+    # Where the disks and the NIC sit: "virtio-blk" (the QEMU runtime's), or "incus", the
+    # layout Incus gives a VM on q35 (each device behind its own PCIe root port, the
+    # disks on virtio-scsi), to boot an image as Incus would on a host without KVM.
+    layout: str = "virtio-blk"
+
+
+LAYOUTS = ("virtio-blk", "incus")
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,9 @@ class QemuProcess:
                 return VMState("stopped")  # it exited while we asked
             return VMState("failed", pid, None, f"QEMU (pid {pid}) does not answer QMP: {exc}")
         if status == "running":
+            panic = kernel_panic(self.console_log)
+            if panic is not None:
+                return VMState("failed", pid, status, f"{PANICKED}: {panic}")
             return VMState("running", pid, status)
         if status in qmp.FAILED_STATES:
             tail = _tail(self.console_log, 3).replace("\n", " | ")
@@ -231,14 +241,9 @@ class QemuVM(QemuProcess):
             f"if=pflash,format=raw,unit=1,file={option_value(nvram)}",
             "-drive",
             f"if=none,id=root,format={c.disk_format},discard=unmap,file={option_value(c.disk)}",
-            "-device",
-            "virtio-blk-pci,drive=root,bootindex=0",
             "-netdev",
             netdev,
-            "-device",
-            f"virtio-net-pci,netdev=net0,mac={c.mac}",
-            "-device",
-            "virtio-rng-pci",
+            *self._devices(),
             "-chardev",
             f"file,id=console,path={option_value(self.console_log)}",
             "-serial",
@@ -254,10 +259,31 @@ class QemuVM(QemuProcess):
             argv += [
                 "-drive",
                 f"if=none,id=config,format=raw,readonly=on,file={option_value(c.config_disk)}",
-                "-device",
-                "virtio-blk-pci,drive=config",
             ]
         return argv
+
+    def _devices(self) -> list[str]:
+        """The root disk, the NIC, the RNG and the config disk, as the layout places them."""
+        c = self.config
+        config = c.config_disk is not None
+        if c.layout == "virtio-blk":
+            devices = [
+                "virtio-blk-pci,drive=root,bootindex=0",
+                f"virtio-net-pci,netdev=net0,mac={c.mac}",
+                "virtio-rng-pci",
+            ] + (["virtio-blk-pci,drive=config"] if config else [])
+        elif c.layout == "incus":
+            ports = [f"pcie-root-port,id=port{n},chassis={n + 1},port={n + 1}" for n in range(3)]
+            devices = [
+                *ports,
+                "virtio-scsi-pci,id=scsi,bus=port0",
+                "scsi-hd,drive=root,bus=scsi.0,channel=0,scsi-id=0,lun=1,bootindex=0",
+                f"virtio-net-pci,netdev=net0,mac={c.mac},bus=port1",
+                "virtio-rng-pci,bus=port2",
+            ] + (["scsi-hd,drive=config,bus=scsi.0,channel=0,scsi-id=1,lun=1"] if config else [])
+        else:
+            raise ValueError(f"no device layout {c.layout!r}: use one of {LAYOUTS}")
+        return [arg for device in devices for arg in ("-device", device)]
 
     def start(self, attach: contextlib.ExitStack | None = None) -> kvm.Verdict:
         """Boot the VM; under KVM, watch its first seconds and restart it under TCG if
@@ -409,6 +435,24 @@ class QemuVM(QemuProcess):
         log.info("%s did not power off within %.0fs; killing it", self.config.name, timeout)
         self.kill()
         return False
+
+
+PANICKED = "the guest kernel panicked"
+_PANIC = "Kernel panic - not syncing"
+PANIC_WINDOW = 16 << 10  # the console's last bytes: a panic is the last thing it prints
+
+
+def kernel_panic(console_log: Path) -> str | None:
+    """The guest kernel's panic line if the console ends in one: QEMU still says
+    "running" then (no pvpanic this early in a boot), but the guest never comes back."""
+    try:
+        with open(console_log, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - PANIC_WINDOW))
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return None
+    found = [line.strip() for line in text.splitlines() if _PANIC in line]
+    return found[0][:300] if found else None
 
 
 def _tail(path: Path, lines: int = 20) -> str:
