@@ -29,7 +29,7 @@ from rockpool.errors import (
 from rockpool.files import NotRegularFile, TooLarge, read_regular
 from rockpool.keys import KEYS_LIMIT, check_authorized_keys
 from rockpool.progress import Reporter
-from rockpool.runtime.base import PortForward, Workspace
+from rockpool.runtime.base import PortForward, Runtime, Workspace
 from rockpool.spec import (
     DEFAULT_SPEC,
     PACKAGE_REFERENCE,
@@ -172,10 +172,14 @@ def cmd_image_push(args: argparse.Namespace, reporter: Reporter) -> int:
 def cmd_image_install(args: argparse.Namespace, reporter: Reporter) -> int:
     store = Store.default()
     version = store.resolve(args.ref)
-    runtime = runtimes.get(args.runtime, store)
+    runtime = _runtime(args, store)
     with reporter.stage(f"installing {version.ref} into {runtime.title}"):
         installed = runtime.install_image(version)
-    _emit(args, {"image": version.ref, "runtime": runtime.name, "vm": installed}, installed)
+    _emit(
+        args,
+        {"image": version.ref, "runtime": runtime.name, "installed": installed, "vm": installed},
+        installed,
+    )
     return 0
 
 
@@ -285,8 +289,14 @@ def _read_keys(path: str | None) -> str | None:
     return check_authorized_keys(text, f"--authorized-keys {path}")
 
 
+def _runtime(args: argparse.Namespace, store: Store) -> Runtime:
+    """The runtime --runtime names, with the runtime options given (Incus's placement)."""
+    options = {key: getattr(args, key, None) for key in RUNTIME_OPTIONS}
+    return runtimes.get(args.runtime, store, **options)
+
+
 def cmd_workspace(args: argparse.Namespace, reporter: Reporter) -> int:
-    runtime = runtimes.get(args.runtime, Store.default())
+    runtime = _runtime(args, Store.default())
     verb = args.command
     if verb == "ls":
         for problem in runtime.damaged():
@@ -325,7 +335,7 @@ def _port_line(port: PortForward) -> str:
 
 
 def cmd_workspace_port(args: argparse.Namespace, reporter: Reporter) -> int:
-    runtime = runtimes.get(args.runtime, Store.default())
+    runtime = _runtime(args, Store.default())
     if args.command == "add":
         port = runtime.add_port(args.name, args.guest_port)
         _emit(args, port.to_json(), _port_line(port))
@@ -448,6 +458,18 @@ def _seconds(text: str) -> float:
     return value
 
 
+RUNTIME_OPTIONS = ("remote", "project", "target", "instance_type")
+
+
+def _add_incus_server(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--remote", help="incus: the client's remote (default: $ROCKPOOL_INCUS_REMOTE, else local)"
+    )
+    parser.add_argument(
+        "--project", help="incus: the project (default: $ROCKPOOL_INCUS_PROJECT, else default)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -549,15 +571,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_image_push)
     p = image.add_parser(
-        "install", parents=[json_flag], help="make a version a local Tart VM (macOS)"
+        "install",
+        parents=[json_flag],
+        help="make a version a local Tart VM (macOS), or Incus images",
     )
-    p.add_argument("ref", help="NAME, NAME:latest or NAME:VERSION (built with the tart format)")
+    p.add_argument(
+        "ref", help="NAME, NAME:latest or NAME:VERSION (built with the tart or incus formats)"
+    )
     p.add_argument(
         "--runtime",
         choices=runtimes.installers(),
         required=True,
-        help="tart: tart create --linux, then the built disk and config (QEMU needs no install)",
+        help="tart: tart create --linux, then the built disk and config; incus: import the "
+        "incus and incus-container forms, aliased NAME/VERSION and NAME/latest (QEMU needs "
+        "no install)",
     )
+    _add_incus_server(p)
     p.set_defaults(handler=cmd_image_install)
     p = image.add_parser("rm", parents=[json_flag], help="remove a version no workspace uses")
     p.add_argument("ref", help="NAME:VERSION or NAME (its latest)")
@@ -599,11 +628,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_cache_prune)
 
-    spaces = groups.add_parser("workspace", help="workspaces on QEMU or Tart").add_subparsers(
-        dest="command", required=True, parser_class=_Parser
-    )
+    spaces = groups.add_parser(
+        "workspace", help="workspaces on QEMU, Tart or Incus"
+    ).add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = spaces.add_parser("create", parents=[json_flag], help="create a workspace from an image")
     p.add_argument("name")
+    p.add_argument("--target", help="incus: the cluster member (default: Incus places it)")
+    p.add_argument(
+        "--type",
+        dest="instance_type",
+        choices=("vm", "container"),
+        help="incus: a VM or a system container (default: a VM where the server runs VMs)",
+    )
     defaults = (runtimes.runtime_class(name) for name in runtimes.names())
     p.add_argument(
         "--image",
@@ -626,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = spaces.add_parser("clone", parents=[json_flag], help="clone a stopped workspace")
     p.add_argument("source")
     p.add_argument("name")
+    p.add_argument("--target", help="incus: the cluster member of the copy")
     p = spaces.add_parser("rm", parents=[json_flag], help="remove a workspace and its disk")
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="kill it first if it is running")
@@ -641,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_names = " or ".join(runtimes.names())
     for verb_parser in port_verbs.choices.values():
         verb_parser.add_argument("--runtime", choices=runtimes.names(), help=runtime_names)
+        _add_incus_server(verb_parser)
         verb_parser.set_defaults(handler=cmd_workspace_port)
     for verb, verb_parser in spaces.choices.items():
         if verb == "port":
@@ -651,6 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{runtime_names} (default: $ROCKPOOL_RUNTIME, else tart on macOS, qemu "
             "elsewhere)",
         )
+        _add_incus_server(verb_parser)
         verb_parser.set_defaults(handler=cmd_workspace)
 
     hosts = groups.add_parser("host", help="this machine's tools").add_subparsers(

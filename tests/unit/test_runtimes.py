@@ -22,6 +22,7 @@ from rockpool import cli
 from rockpool import runtime as runtimes
 from rockpool.errors import Damaged, ExitCode, InvalidInput
 from rockpool.runtime.base import Endpoint, Holdings, Runtime, Workspace
+from rockpool.runtime.incus import IncusRuntime
 from rockpool.runtime.qemu import QemuRuntime
 from rockpool.runtime.tart import TartRuntime
 from rockpool.store import Store, Version
@@ -132,25 +133,43 @@ def runtime_choices(parser: argparse.ArgumentParser) -> dict[str, list[str] | No
 def test_the_clis_runtimes_are_the_registrys(fake: type[FakeRuntime]) -> None:
     choices = runtime_choices(cli.build_parser())
     install = choices.pop("image install")
-    assert install == list(runtimes.installers()) == ["tart", "fake"]
+    assert install == list(runtimes.installers()) == ["tart", "incus", "fake"]
     workspace_verbs = {path for path in choices if path.startswith("workspace ")}
     assert workspace_verbs == set(choices) and len(workspace_verbs) == 10
     assert all(choice == list(runtimes.names()) for choice in choices.values())
-    assert runtimes.names() == ("qemu", "tart", "fake")
+    assert runtimes.names() == ("qemu", "tart", "incus", "fake")
 
 
 def test_the_registry_makes_each_runtime_and_knows_its_default_image(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
-    assert runtimes.names() == ("qemu", "tart")
+    assert runtimes.names() == ("qemu", "tart", "incus")
     assert type(runtimes.get("qemu", store)) is QemuRuntime
     assert type(runtimes.get("tart", store)) is TartRuntime
+    assert type(runtimes.get("incus", store)) is IncusRuntime
     assert runtimes.get("tart", store).store is store
     assert QemuRuntime.default_image == "workspace"
     assert TartRuntime.default_image == "workspace-arm64"
-    assert runtimes.installers() == ("tart",)
+    assert runtimes.installers() == ("tart", "incus")
     with pytest.raises(InvalidInput, match="no runtime named 'vmware'") as caught:
         runtimes.get("vmware", store)
-    assert caught.value.hint == "the runtimes are: qemu, tart"
+    assert caught.value.hint == "the runtimes are: qemu, tart, incus"
+
+
+def test_runtime_options_go_only_to_the_runtime_that_has_them(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    incus = runtimes.get("incus", store, remote="cluster", project="team-a", target="m2")
+    assert isinstance(incus, IncusRuntime)
+    assert (incus.incus.remote, incus.incus.project, incus.target) == ("cluster", "team-a", "m2")
+    assert incus.incus.ref("alice") == "cluster:alice"
+    with pytest.raises(InvalidInput, match="--target does not apply to the qemu runtime") as caught:
+        runtimes.get("qemu", store, target="m2", remote=None)
+    assert caught.value.hint == "it is for --runtime incus"
+    # incus's own command line takes them: nothing that reads as an option
+    for bad in ("-x", "--all", "a b", "a/b"):
+        with pytest.raises(InvalidInput, match="is not a name"):
+            runtimes.get("incus", store, remote=bad)
+    with pytest.raises(InvalidInput, match="'vm' or 'container'"):
+        runtimes.get("incus", store, instance_type="lxc")
 
 
 def test_the_default_runtime(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -175,7 +194,7 @@ def test_an_unknown_rockpool_runtime_is_exit_2_naming_the_runtimes(tmp_path: Pat
             timeout=60,
         )
         assert result.returncode == int(ExitCode.INVALID_INPUT) == 2, result.stderr
-        assert "ROCKPOOL_RUNTIME must be one of qemu, tart, not 'vmware'" in result.stderr
+        assert "ROCKPOOL_RUNTIME must be one of qemu, tart, incus, not 'vmware'" in result.stderr
         assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1
 
 
@@ -184,14 +203,20 @@ def test_a_registered_runtime_is_offered_and_named(
 ) -> None:
     monkeypatch.setenv("ROCKPOOL_RUNTIME", "vmware")
     code, _, err = rockpool(capsys, "workspace", "ls")
-    assert code == 2 and "must be one of qemu, tart, fake, not 'vmware'" in err
+    assert code == 2 and "must be one of qemu, tart, incus, fake, not 'vmware'" in err
     monkeypatch.setenv("ROCKPOOL_RUNTIME", "fake")
     code, out, _ = rockpool(capsys, "workspace", "ls", "--json")
     assert (code, json.loads(out)) == (0, [])
     version = land_small_image(Store.default())
     code, out, _ = rockpool(capsys, "image", "install", "small", "--runtime", "fake", "--json")
     assert code == 0
-    assert json.loads(out) == {"image": version.ref, "runtime": "fake", "vm": f"fake-{version.id}"}
+    installed = f"fake-{version.id}"
+    assert json.loads(out) == {
+        "image": version.ref,
+        "runtime": "fake",
+        "installed": installed,
+        "vm": installed,
+    }
 
 
 def test_rm_and_gc_ask_every_registered_runtime(

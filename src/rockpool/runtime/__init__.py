@@ -1,4 +1,5 @@
-"""Runtimes that run workspace VMs from stored images, by name: QEMU (Linux), Tart (macOS).
+"""Runtimes that run workspaces from stored images, by name: QEMU (Linux), Tart (macOS),
+Incus (Linux servers and clusters).
 
 This registry is the one place that knows which runtimes there are. A new one is a
 module with a Runtime subclass (runtime/base.py) and one line in RUNTIMES; the CLI's
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 RUNTIMES: dict[str, str] = {
     "qemu": "rockpool.runtime.qemu:QemuRuntime",
     "tart": "rockpool.runtime.tart:TartRuntime",
+    "incus": "rockpool.runtime.incus:IncusRuntime",
 }
 VARIABLE = "ROCKPOOL_RUNTIME"
 # The default runtime by platform.system(); QEMU on any other.
@@ -57,9 +59,20 @@ def runtime_class(name: str) -> type[Runtime]:
     return _load(target)
 
 
-def get(name: str | None, store: Store) -> Runtime:
-    """The runtime named name (None: the default one), for store's workspaces and images."""
-    return runtime_class(name or default_name())(store)
+def get(name: str | None, store: Store, **options: str | None) -> Runtime:
+    """The runtime named name (None: the default one), for store's workspaces and images;
+    options (None: not given) are the runtime's own, such as Incus's remote."""
+    cls = runtime_class(name or default_name())
+    given = {key: value for key, value in options.items() if value is not None}
+    unknown = sorted(set(given) - set(cls.options))
+    if unknown:
+        flags = ", ".join("--" + key.replace("instance_type", "type") for key in unknown)
+        owners = [n for n in RUNTIMES if set(unknown) <= set(runtime_class(n).options)]
+        raise InvalidInput(
+            f"{flags} does not apply to the {cls.name} runtime",
+            hint=f"it is for --runtime {' or '.join(owners)}" if owners else None,
+        )
+    return cls(store, **given)
 
 
 def default_name() -> str:

@@ -1,4 +1,4 @@
-"""The one interface every workspace runtime implements (QEMU and Tart; Incus next), and
+"""The one interface every workspace runtime implements (QEMU, Tart and Incus), and
 the parts they share: workspace records and the config disk written at each start.
 
 A runtime is one module with one Runtime subclass, and one line in the registry
@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import json
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -143,6 +144,8 @@ class Runtime(ABC):
     title: ClassVar[str]  # for people: "QEMU", "Tart"
     default_image: ClassVar[str]  # the image `workspace create` takes when given none
     installs_images: ClassVar[bool] = False  # whether `image install --runtime` offers it
+    # Its own keyword arguments (the CLI's flags of the same names), e.g. Incus's remote.
+    options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -346,6 +349,34 @@ def readable_records(
     return records, damaged
 
 
+def start_values(
+    name: str, instance_id: str, env: Mapping[str, str] | None, authorized_keys: str | None
+) -> tuple[dict[str, str], str | None]:
+    """What one start of workspace NAME gives its guest, checked before anything is
+    written (a private key is never stored): the variables, with
+    ROCKPOOL_WORKSPACE_NAME and ROCKPOOL_INSTANCE_ID set, and the keys if given."""
+    variables = dict(env or {})
+    given = variables.pop("ROCKPOOL_WORKSPACE_NAME", name)
+    if given != name:
+        raise InvalidInput(
+            f"ROCKPOOL_WORKSPACE_NAME is the workspace's name ('{name}'), not '{given}'"
+        )
+    variables.update({"ROCKPOOL_WORKSPACE_NAME": name, "ROCKPOOL_INSTANCE_ID": instance_id})
+    validate_env(variables)
+    keys = (
+        check_authorized_keys(authorized_keys, "authorized_keys")
+        if authorized_keys is not None
+        else None
+    )
+    return variables, keys
+
+
+def check_timeout(timeout: float) -> float:
+    if not math.isfinite(timeout) or timeout < 0:
+        raise InvalidInput(f"the stop timeout must be a number of seconds >= 0, not {timeout}")
+    return timeout
+
+
 def write_config_disk(
     directory: Path,
     name: str,
@@ -359,21 +390,8 @@ def write_config_disk(
     record's, so a clone (new id) makes its own SSH host keys and machine-id. Keys given
     once are kept in DIRECTORY/authorized_keys and reused by later starts that give none.
     """
-    variables = dict(env or {})
-    given = variables.pop("ROCKPOOL_WORKSPACE_NAME", name)
-    if given != name:
-        raise InvalidInput(
-            f"ROCKPOOL_WORKSPACE_NAME is the workspace's name ('{name}'), not '{given}'"
-        )
-    variables.update({"ROCKPOOL_WORKSPACE_NAME": name, "ROCKPOOL_INSTANCE_ID": instance_id})
-    validate_env(variables)
+    variables, given_keys = start_values(name, instance_id, env, authorized_keys)
     keys_file = directory / AUTHORIZED_KEYS
-    # Checked before anything is written: a private key is never stored.
-    given_keys = (
-        check_authorized_keys(authorized_keys, "authorized_keys")
-        if authorized_keys is not None
-        else None
-    )
     keys = given_keys or (keys_file.read_text() if keys_file.is_file() else None)
     config_disk = make_config_disk(directory / CONFIG_DISK, variables, keys)
     if given_keys is not None:

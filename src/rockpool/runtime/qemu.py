@@ -20,7 +20,6 @@ import builtins
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import shutil
 import uuid
@@ -41,6 +40,7 @@ from rockpool.runtime.base import (
     Runtime,
     State,
     Workspace,
+    check_timeout,
     locked_workspace,
     read_record,
     readable_records,
@@ -79,12 +79,6 @@ def check_guest_port(port: int) -> int:
             + ("code-server" if port == 8080 else "SSH")
         )
     return port
-
-
-def check_timeout(timeout: float) -> float:
-    if not math.isfinite(timeout) or timeout < 0:
-        raise InvalidInput(f"the stop timeout must be a number of seconds >= 0, not {timeout}")
-    return timeout
 
 
 class QemuRuntime(Runtime):
