@@ -38,6 +38,16 @@ def ssh_argv(key: Path, port: int, user: str, command: str) -> list[str]:
     ]
 
 
+def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    """argv as a local user who is no client of any workspace."""
+    return subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll a readiness check until it holds."""
     deadline = time.monotonic() + timeout
@@ -55,8 +65,11 @@ class Guest:
         ssh_key: Path,
         disk_size: int | None = None,
         base: tuple[Path, str] | None = None,
+        layout: str = "virtio-blk",
     ):
-        """base: the disk to boot (path, format); default the image's qcow2."""
+        """base: the disk to boot (path, format); default the image's qcow2. layout: where
+        the disks and NIC sit (tools.qemu.LAYOUTS)."""
+        self.layout = layout
         self.image = image
         self.run_dir = run_dir
         self.ssh_key = ssh_key
@@ -81,6 +94,7 @@ class Guest:
             run_dir=self.run_dir,
             config_disk=self.config_disk,
             forwards={8080: free_port(), 22: free_port()},
+            layout=self.layout,
         )
         self.vm = QemuVM(config)
         self.vm.start()

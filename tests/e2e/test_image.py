@@ -9,12 +9,11 @@ import re
 import ssl
 import subprocess
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
 
 import pytest
 
 from rockpool.store import Version
-from tests.e2e.caddy import caddy_in_front, get
+from tests.e2e.caddy import check_behind_caddy
 from tests.e2e.conftest import DEFAULT_SPEC, run_rockpool
 from tests.e2e.guest import Guest
 
@@ -162,32 +161,6 @@ def assert_no_build_material(guest: Guest) -> None:
     assert not guest.ssh("sudo find /var/log -name '*rockpool*' -o -name '*setup*' | head").strip()
 
 
-def check_behind_caddy(guest: Guest, name: str, work: Path) -> None:
-    """Route as Rockpool does: Caddy strips /workspace/<name> and proxies to code-server."""
-    prefix = f"/workspace/{name}/"
-    with caddy_in_front(name, guest.running.config.forwards[8080], work) as port:
-        status, headers, _ = get(port, prefix.rstrip("/"))
-        assert status in (301, 302, 307, 308) and headers["Location"].endswith(prefix)
-        path = prefix
-        for _ in range(5):  # code-server may redirect relatively (e.g. to ./?folder=...)
-            status, headers, page = get(port, path)
-            if status not in (301, 302, 303, 307, 308):
-                break
-            path = urljoin(path, headers["Location"])
-        assert status == 200, (status, page[:300])
-        assert urlsplit(path).path.startswith(prefix), f"redirected out of the prefix: {path}"
-        assets = re.findall(rb'(?:src|href)="([^"#:]+\.(?:js|css))"', page)
-        assert assets, "the workbench page references no scripts or styles"
-        for asset in assets[:5]:
-            url = urljoin(path, asset.decode())
-            assert url.startswith(prefix), f"{asset!r} escapes the prefix"
-            assert get(port, url)[0] == 200, url
-        status, _, body = get(port, prefix + "healthz")
-        assert status == 200
-        status, _, body = get(port, prefix + "absproxy/5173/via/caddy")
-        assert status == 200 and body.decode() == f"{prefix}absproxy/5173/via/caddy"
-
-
 TOOLS = ("git", "ssh", "bash", "curl", "wget", "jq", "node", "npm", "python3", "make", "gcc")
 
 
@@ -209,7 +182,7 @@ def test_boot_serves_code_server_at_the_workspace_path(
         assert status == 200
         assert body.decode() == "/workspace/alice/absproxy/5173/hello/world?x=1"
 
-        check_behind_caddy(guest, "alice", tmp_path / "caddy")
+        check_behind_caddy(guest.running.config.forwards[8080], "alice", tmp_path / "caddy")
 
         found = guest.ssh(
             "bash -lc 'for t in " + " ".join(TOOLS) + "; do command -v $t || echo MISSING:$t; done'"
@@ -254,9 +227,11 @@ def test_boot_serves_code_server_at_the_workspace_path(
 
         assert guest.stop(), "the guest did not power off on ACPI shutdown"
         # A value over the guest's cap (a disk another tool wrote) is left out, with a
-        # message, and the rest boots as usual.
+        # message, and the rest boots as usual. This boot places the devices as Incus
+        # places a VM's (Incus cannot boot one here: no KVM): the VM form boots there.
         big = {"ROCKPOOL_WORKSPACE_NAME": "bob", "ROCKPOOL_BIG": "x" * 5000}
         guest.configure({**big, "ROCKPOOL_TEAM": "green"}, validate=False)
+        guest.layout = "incus"
         guest.start()
         guest.wait_healthz()
         guest.wait_ssh()
@@ -265,12 +240,23 @@ def test_boot_serves_code_server_at_the_workspace_path(
         assert status == 200 and body.decode() == "/workspace/bob/absproxy/5173/again"
         assert guest.ssh("hostname").strip() == "bob"
         assert guest.ssh("cat /etc/machine-id") == machine_id  # identity persists on reboot
+        assert_incus_layout(guest)
         journal = guest.ssh("sudo journalctl -b -u rockpool-init --no-pager")
         assert "ROCKPOOL_BIG is 5000 bytes, over the limit of 4096" in journal
         env = guest.ssh("sudo cat /run/rockpool/env")
         assert 'ROCKPOOL_TEAM="green"' in env and "ROCKPOOL_BIG" not in env
     finally:
         guest.kill()
+
+
+def assert_incus_layout(guest: Guest) -> None:
+    """The root and the config disk are SCSI disks of a virtio-scsi controller behind a
+    PCIe root port, and the NIC sits behind a root port too (Incus's q35 layout)."""
+    for disk in ("sda", "sdb"):
+        path = guest.ssh(f"readlink -f /sys/block/{disk}").strip()
+        assert "/virtio" in path and "/host" in path and path.count("/0000:") == 2, path
+    nic = guest.ssh("readlink -f /sys/class/net/$(ls /sys/class/net | grep -v '^lo$')/device")
+    assert "/virtio" in nic and nic.count("/0000:") == 2, nic
 
 
 def test_invalid_workspace_name_fails_the_init_unit(

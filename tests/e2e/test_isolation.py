@@ -25,7 +25,7 @@ from rockpool.runtime.qemu import QemuRuntime
 from rockpool.store import Store, Version
 from rockpool.tools.qemu import free_port
 from tests.e2e.conftest import run_rockpool
-from tests.e2e.guest import ssh_argv, start_echo_app, wait_until
+from tests.e2e.guest import as_nobody, ssh_argv, start_echo_app, wait_until
 from tests.e2e.test_workspaces import Session, start
 
 pytestmark = pytest.mark.vm
@@ -134,15 +134,6 @@ def _host_address() -> str:
         if address != INTERNET_HOST_SIDE:
             return address
     return INTERNET_HOST_SIDE
-
-
-def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 @pytest.fixture(scope="module")

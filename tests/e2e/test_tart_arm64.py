@@ -15,10 +15,10 @@ import pytest
 
 from rockpool.formats import tart_oci
 from rockpool.store import Store, Version
+from tests.e2e.caddy import check_behind_caddy
 from tests.e2e.conftest import ARM64_SPEC, REPO, BackgroundBuild, run_rockpool
 from tests.e2e.guest import Guest
 from tests.e2e.registry import blob, local_registry, manifest
-from tests.e2e.test_image import check_behind_caddy
 from tests.lz4_frames import check_disk_layers
 
 pytestmark = pytest.mark.vm
@@ -230,6 +230,6 @@ def test_arm64_code_server_at_the_workspace_path(
         guest.start_guest_app(5173)
         status, body = guest.http_get("/absproxy/5173/hello")
         assert status == 200 and body.decode() == "/workspace/dave/absproxy/5173/hello"
-        check_behind_caddy(guest, "dave", tmp_path / "caddy")
+        check_behind_caddy(guest.running.config.forwards[8080], "dave", tmp_path / "caddy")
     finally:
         guest.kill()

@@ -196,10 +196,7 @@ class IncusRuntime(Runtime):
 
     def uninstall_image(self, version: Version) -> bool:
         """Delete the version's Incus images that no instance was made from."""
-        used = {
-            _config(instance).get("volatile.base_image")
-            for instance in self.incus.instances()
-        }
+        used = {_config(instance).get("volatile.base_image") for instance in self.incus.instances()}
         removed = False
         for image in self._installed(version):
             if image["fingerprint"] in used:
