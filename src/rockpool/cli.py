@@ -352,6 +352,28 @@ def cmd_workspace_port(args: argparse.Namespace, reporter: Reporter) -> int:
     return 0
 
 
+def cmd_workspace_snapshot(args: argparse.Namespace, reporter: Reporter) -> int:
+    runtime = _runtime(args, Store.default())
+    if args.command == "create":
+        snapshot = runtime.snapshot(args.name, args.snapshot)
+        _emit(args, snapshot.to_json(), f"{args.name}/{snapshot.name} {snapshot.created}")
+    elif args.command == "restore":
+        with reporter.stage(f"restoring {args.name} to {args.snapshot}"):
+            workspace = runtime.restore(args.name, args.snapshot)
+        _emit(args, workspace.to_json(), _workspace_line(workspace))
+    elif args.command == "rm":
+        runtime.remove_snapshot(args.name, args.snapshot)
+        _emit(args, {"removed": args.snapshot}, f"removed {args.name}/{args.snapshot}")
+    else:
+        snapshots = runtime.snapshots(args.name)
+        _emit(
+            args,
+            [s.to_json() for s in snapshots],
+            "\n".join(f"{s.name} {s.created}" for s in snapshots) or "no snapshots",
+        )
+    return 0
+
+
 def cmd_image_rm(args: argparse.Namespace, reporter: Reporter) -> int:
     from rockpool.gc import remove_image
 
@@ -675,13 +697,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("guest_port", type=_guest_port, metavar="GUEST_PORT")
     p = port_verbs.add_parser("ls", parents=[json_flag], help="list a workspace's ports")
     p.add_argument("name")
+    snapshot_verbs = spaces.add_parser(
+        "snapshot", help="snapshots of a workspace's disk (Incus)"
+    ).add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for verb, text in (
+        ("create", "save the disk's state under a name"),
+        ("restore", "bring the disk back to a snapshot (stops the workspace)"),
+        ("rm", "delete a snapshot"),
+    ):
+        p = snapshot_verbs.add_parser(verb, parents=[json_flag], help=text)
+        p.add_argument("name")
+        p.add_argument("snapshot")
+    p = snapshot_verbs.add_parser("ls", parents=[json_flag], help="list a workspace's snapshots")
+    p.add_argument("name")
     runtime_names = " or ".join(runtimes.names())
-    for verb_parser in port_verbs.choices.values():
-        verb_parser.add_argument("--runtime", choices=runtimes.names(), help=runtime_names)
-        _add_incus_server(verb_parser)
-        verb_parser.set_defaults(handler=cmd_workspace_port)
+    for verbs, handler in (
+        (port_verbs, cmd_workspace_port),
+        (snapshot_verbs, cmd_workspace_snapshot),
+    ):
+        for verb_parser in verbs.choices.values():
+            verb_parser.add_argument("--runtime", choices=runtimes.names(), help=runtime_names)
+            _add_incus_server(verb_parser)
+            verb_parser.set_defaults(handler=handler)
     for verb, verb_parser in spaces.choices.items():
-        if verb == "port":
+        if verb in ("port", "snapshot"):
             continue
         verb_parser.add_argument(
             "--runtime",

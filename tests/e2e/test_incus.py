@@ -8,6 +8,7 @@ device layout in test_image.py (the second boot of the code-server test)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,11 +16,12 @@ from typing import Any
 
 import pytest
 
-from rockpool.store import Version
+from rockpool.files import link_or_copy
+from rockpool.store import Store, Version
 from tests.e2e.caddy import check_behind_caddy, get
 from tests.e2e.conftest import run_rockpool
 from tests.e2e.guest import as_nobody, ssh_argv, start_echo_app, wait_until
-from tests.e2e.incus import Daemon, cluster, standalone
+from tests.e2e.incus import MEMBER_ADDRESSES, Daemon, cluster, standalone
 
 pytestmark = pytest.mark.vm
 
@@ -34,11 +36,13 @@ def incusd() -> Iterator[Daemon]:
         yield daemon
 
 
-def rockpool(home: Path, daemon: Daemon, *args: str, timeout: float = 600) -> Any:
-    """The CLI against daemon, its --json answer; asserts it succeeded."""
-    result = run_rockpool(
-        home, *args, "--json", timeout=timeout, env={"INCUS_DIR": str(daemon.directory)}
-    )
+def rockpool(
+    home: Path, daemon: Daemon, *args: str, timeout: float = 600, conf: Path | None = None
+) -> Any:
+    """The CLI against daemon (or, with conf, the client configuration whose remotes it
+    names), its --json answer; asserts it succeeded."""
+    env = {"INCUS_DIR": str(daemon.directory)} | ({"INCUS_CONF": str(conf)} if conf else {})
+    result = run_rockpool(home, *args, "--json", timeout=timeout, env=env)
     assert result.returncode == 0, f"rockpool {' '.join(args)}:\n{result.stderr[-3000:]}"
     return json.loads(result.stdout)
 
@@ -199,6 +203,31 @@ def test_a_container_workspace_lives_behind_caddy_persists_clones_and_goes(
     assert in_container(incusd, "alice", "cat /home/coder/note").strip() == "kept"
     rockpool(home, incusd, "workspace", "stop", "alice", "--runtime", "incus")
 
+    # A snapshot, and the disk back to it.
+    snapshot = rockpool(
+        home, incusd, "workspace", "snapshot", "create", "alice", "before", "--runtime", "incus"
+    )
+    assert snapshot["name"] == "before"
+    resumed = rockpool(home, incusd, "workspace", "start", "alice", "--runtime", "incus")
+    wait_healthy(resumed)
+    in_container(incusd, "alice", "echo later > /home/coder/note && sync")
+    restored = rockpool(
+        home, incusd, "workspace", "snapshot", "restore", "alice", "before", "--runtime", "incus"
+    )
+    assert restored["state"] == "stopped"
+    listed_snapshots = rockpool(
+        home, incusd, "workspace", "snapshot", "ls", "alice", "--runtime", "incus"
+    )
+    assert [s["name"] for s in listed_snapshots] == ["before"]
+    again = rockpool(home, incusd, "workspace", "start", "alice", "--runtime", "incus")
+    wait_healthy(again)
+    assert in_container(incusd, "alice", "cat /home/coder/note").strip() == "kept"
+    rockpool(home, incusd, "workspace", "stop", "alice", "--runtime", "incus")
+    rockpool(home, incusd, "workspace", "snapshot", "rm", "alice", "before", "--runtime", "incus")
+    assert (
+        rockpool(home, incusd, "workspace", "snapshot", "ls", "alice", "--runtime", "incus") == []
+    )
+
     # A clone on btrfs: copy-on-write, its own ports and identity, beside its source.
     used_before = incusd.pool_used("default")
     clone = rockpool(home, incusd, "workspace", "clone", "alice", "carol", "--runtime", "incus")
@@ -237,9 +266,30 @@ def incus_cluster() -> Iterator[list[Daemon]]:
 
 
 def test_a_cluster_places_workspaces_honours_targets_and_tells_of_a_dead_member(
-    built_image: Version, store_home: Path, incus_cluster: list[Daemon]
+    built_image: Version, store_home: Path, incus_cluster: list[Daemon], tmp_path: Path
 ) -> None:
     first = incus_cluster[0]
+    # The worker reaches the cluster as a remote: HTTPS and a trust token.
+    conf = tmp_path / "incus-client"
+    token = first.incus("config", "trust", "add", "worker", "--quiet").stdout.strip()
+    remote = subprocess.run(
+        [
+            "incus",
+            "remote",
+            "add",
+            "cluster",
+            f"https://{MEMBER_ADDRESSES[0]}:8443",
+            "--token",
+            token,
+            "--accept-certificate",
+        ],
+        env={**os.environ, "INCUS_CONF": str(conf)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert remote.returncode == 0, remote.stderr
+    over_https = ("--remote", "cluster")
     names = ["spread-1", "spread-2", "spread-3"]
     for name in names:
         rockpool(
@@ -252,6 +302,8 @@ def test_a_cluster_places_workspaces_honours_targets_and_tells_of_a_dead_member(
             "incus",
             "--image",
             built_image.ref,
+            *over_https,
+            conf=conf,
         )
     placed = rockpool(
         store_home,
@@ -267,9 +319,11 @@ def test_a_cluster_places_workspaces_honours_targets_and_tells_of_a_dead_member(
         built_image.ref,
     )
     assert placed["details"]["member"] == "m2"
-    listed = {
-        w["name"]: w for w in rockpool(store_home, first, "workspace", "ls", "--runtime", "incus")
-    }
+    over_remote = rockpool(
+        store_home, first, "workspace", "ls", "--runtime", "incus", *over_https, conf=conf
+    )
+    listed = {w["name"]: w for w in over_remote}
+    assert {w["details"]["remote"] for w in over_remote} == {"cluster"}
     members = {listed[name]["details"]["member"] for name in names}
     # Incus's scheduler picks the least-loaded member: three workspaces, three members.
     assert members == {"m1", "m2", "m3"}, {n: listed[n]["details"]["member"] for n in names}
@@ -318,3 +372,57 @@ def test_a_cluster_places_workspaces_honours_targets_and_tells_of_a_dead_member(
     for name in [*names, "pinned"]:
         rockpool(store_home, first, "workspace", "rm", name, "--runtime", "incus", "--force")
     assert first.json("list") == []
+
+
+def copy_version(version: Version, store: Store, name: str) -> Version:
+    """version's outputs, hard-linked, as the only version of image name in store."""
+    prepared = store.root / f".prepared-{name}"
+    prepared.mkdir(parents=True)
+    for output in version.manifest["outputs"].values():
+        source = version.path / output["file"]
+        if source.is_dir():
+            (prepared / source.name).mkdir()
+            for member in source.iterdir():
+                link_or_copy(member, prepared / source.name / member.name)
+        else:
+            link_or_copy(source, prepared / source.name)
+    manifest = {
+        key: value for key, value in version.manifest.items() if key not in ("name", "version")
+    }
+    return store.land(name, version.id, prepared, manifest)
+
+
+def test_image_rm_and_gc_uninstall_from_incus_only_what_no_instance_uses(
+    minimal_image: Version, incusd: Daemon, tmp_path: Path
+) -> None:
+    """In a store of its own: gc removes what no workspace holds, and the suite's store
+    has versions other tests still need."""
+    home = tmp_path / "store"
+    version = copy_version(minimal_image, Store(home), "incus-gc")
+
+    def ours() -> list[dict[str, Any]]:
+        images: list[dict[str, Any]] = incusd.json("image", "list")
+        return [i for i in images if i["properties"].get("rockpool.image") == "incus-gc"]
+
+    rockpool(home, incusd, "image", "install", version.ref, "--runtime", "incus")
+    assert {image["type"] for image in ours()} == {"container", "virtual-machine"}
+    rockpool(
+        home,
+        incusd,
+        "workspace",
+        "create",
+        "probe",
+        "--runtime",
+        "incus",
+        "--image",
+        version.ref,
+        "--type",
+        "container",
+    )
+    removed = rockpool(home, incusd, "image", "rm", version.ref)
+    assert removed
+    # The container image is what probe was made from: it stays; the VM image goes.
+    assert [image["type"] for image in ours()] == ["container"]
+    rockpool(home, incusd, "workspace", "rm", "probe", "--runtime", "incus")
+    rockpool(home, incusd, "image", "gc")
+    assert ours() == []

@@ -135,7 +135,7 @@ def test_the_clis_runtimes_are_the_registrys(fake: type[FakeRuntime]) -> None:
     install = choices.pop("image install")
     assert install == list(runtimes.installers()) == ["tart", "incus", "fake"]
     workspace_verbs = {path for path in choices if path.startswith("workspace ")}
-    assert workspace_verbs == set(choices) and len(workspace_verbs) == 10
+    assert workspace_verbs == set(choices) and len(workspace_verbs) == 14
     assert all(choice == list(runtimes.names()) for choice in choices.values())
     assert runtimes.names() == ("qemu", "tart", "incus", "fake")
 

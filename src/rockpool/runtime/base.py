@@ -95,6 +95,17 @@ class Workspace:
         return data
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A saved state of a workspace's disk, by name; restore brings the disk back to it."""
+
+    name: str
+    created: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class Holdings:
     """What a runtime's workspaces still need of the store: each file they are built on
@@ -219,6 +230,26 @@ class Runtime(ABC):
 
     def remove_port(self, name: str, guest_port: int) -> None:
         raise self._no_ports()
+
+    # Snapshots of a workspace's disk, by name: Incus's own (copy-on-write where the
+    # pool is). A runtime without them says so.
+    def snapshots(self, name: str) -> builtins.list[Snapshot]:
+        raise self._no_snapshots()
+
+    def snapshot(self, name: str, snapshot: str) -> Snapshot:
+        raise self._no_snapshots()
+
+    def restore(self, name: str, snapshot: str) -> Workspace:
+        raise self._no_snapshots()
+
+    def remove_snapshot(self, name: str, snapshot: str) -> None:
+        raise self._no_snapshots()
+
+    def _no_snapshots(self) -> InvalidInput:
+        return InvalidInput(
+            f"the {self.name} runtime keeps no snapshots of workspaces",
+            hint="clone a stopped workspace instead: rockpool workspace clone SOURCE NAME",
+        )
 
     def _no_ports(self) -> InvalidInput:
         return InvalidInput(

@@ -39,6 +39,7 @@ from rockpool.runtime.base import (
     Holdings,
     PortForward,
     Runtime,
+    Snapshot,
     State,
     Workspace,
     check_timeout,
@@ -56,6 +57,7 @@ CREATED_KEY = "user.rockpool.created"
 CLONED_FROM_KEY = "user.rockpool.cloned_from"
 PORTS_KEY = "user.rockpool.ports"
 VERSION_PROPERTY = "rockpool.version"
+IMAGE_PROPERTY = "rockpool.image"
 CARRIER = "/etc/rockpool/carrier"
 GUEST_PORTS = {"rockpool-http": 8080, "rockpool-ssh": 22}
 PORT_DEVICE = "rockpool-port-"
@@ -160,9 +162,10 @@ class IncusRuntime(Runtime):
                 self.incus.run("image", "import", metadata, root, self.incus.server)
             else:
                 log.info("Incus has %s (%s) already: %s", version.ref, instance_type, fingerprint)
-            self.incus.run(
-                "image", "set-property", self.incus.ref(fingerprint), VERSION_PROPERTY, version.id
-            )
+            # Which version it is: the version id cannot be in the metadata (it is the
+            # digest of the outputs), and the same bytes may be landed under another name.
+            for key, value in ((IMAGE_PROPERTY, version.name), (VERSION_PROPERTY, version.id)):
+                self.incus.run("image", "set-property", self.incus.ref(fingerprint), key, value)
             for alias in aliases(version, instance_type):
                 self._point_alias(alias, fingerprint)
             fingerprints[instance_type] = fingerprint
@@ -191,12 +194,19 @@ class IncusRuntime(Runtime):
             image
             for image in self.incus.images()
             if image.get("properties", {}).get(VERSION_PROPERTY) == version.id
-            and image.get("properties", {}).get("rockpool.image") == version.name
+            and image.get("properties", {}).get(IMAGE_PROPERTY) == version.name
         ]
 
+    def _base_images(self) -> set[str]:
+        """The fingerprints instances were made from (Incus's volatile.base_image)."""
+        return {
+            str(_config(instance).get("volatile.base_image")) for instance in self.incus.instances()
+        }
+
     def uninstall_image(self, version: Version) -> bool:
-        """Delete the version's Incus images that no instance was made from."""
-        used = {_config(instance).get("volatile.base_image") for instance in self.incus.instances()}
+        """Delete the version's Incus images that no instance was made from; `image gc`
+        deletes the others once their instances are gone (remove_unused)."""
+        used = self._base_images()
         removed = False
         for image in self._installed(version):
             if image["fingerprint"] in used:
@@ -205,6 +215,24 @@ class IncusRuntime(Runtime):
             self.incus.run("image", "delete", self.incus.ref(image["fingerprint"]))
             removed = True
         return removed
+
+    def remove_unused(self) -> builtins.list[Path]:
+        """Delete the Incus images rockpool imported whose version the store no longer
+        has and no instance was made from. Nothing of the store: returns []."""
+        used = self._base_images()
+        for image in self.incus.images():
+            properties = image.get("properties") or {}
+            name, version_id = properties.get(IMAGE_PROPERTY), properties.get(VERSION_PROPERTY)
+            if not (name and version_id) or image["fingerprint"] in used:
+                continue
+            try:
+                self.store.version(str(name), str(version_id))
+                continue  # still stored: uninstalled when it is removed
+            except (NotFound, Damaged, InvalidInput):
+                pass
+            log.info("deleting the Incus image of %s:%s: nothing uses it", name, version_id)
+            self.incus.run("image", "delete", self.incus.ref(image["fingerprint"]))
+        return []
 
     def holdings(self) -> Holdings:
         """Nothing of the store: Incus keeps its own copy of each image it imported."""
@@ -540,6 +568,47 @@ class IncusRuntime(Runtime):
         bad = self._problems(instances)
         members = self._member_states()
         return [self._workspace(i, members) for i in instances if i["name"] not in bad]
+
+    # ---- snapshots --------------------------------------------------------------------------
+
+    def snapshots(self, name: str) -> builtins.list[Snapshot]:
+        self._instance(name)
+        found = self.incus.json("snapshot", "list", self.incus.ref(name))
+        return [Snapshot(s["name"], str(s.get("created_at", ""))) for s in found]
+
+    def snapshot(self, name: str, snapshot: str) -> Snapshot:
+        check_slug(snapshot, "snapshot name")
+        with self._locked(name):
+            self._instance(name)
+            try:
+                self.incus.run("snapshot", "create", self.incus.ref(name), snapshot)
+            except CommandFailed as exc:
+                raise translate(exc, f"snapshot '{snapshot}' of '{name}'") from None
+        return next(s for s in self.snapshots(name) if s.name == snapshot)
+
+    def restore(self, name: str, snapshot: str) -> Workspace:
+        """The disk as it was at snapshot; a running workspace is stopped first."""
+        check_slug(snapshot, "snapshot name")
+        with self._locked(name):
+            instance = self._instance(name)
+            if snapshot not in {s.name for s in self.snapshots(name)}:
+                raise NotFound(
+                    f"workspace '{name}' has no snapshot '{snapshot}'",
+                    hint=f"list them: rockpool workspace snapshot ls --runtime incus {name}",
+                )
+            if instance["status"] != "Stopped":
+                self.incus.run("stop", self.incus.ref(name), "--force")
+            self.incus.run("snapshot", "restore", self.incus.ref(name), snapshot)
+        return self.status(name)
+
+    def remove_snapshot(self, name: str, snapshot: str) -> None:
+        check_slug(snapshot, "snapshot name")
+        with self._locked(name):
+            self._instance(name)
+            try:
+                self.incus.run("snapshot", "delete", self.incus.ref(name), snapshot)
+            except CommandFailed as exc:
+                raise translate(exc, f"snapshot '{snapshot}' of '{name}'") from None
 
     # ---- dynamic ports ----------------------------------------------------------------------
 
