@@ -344,12 +344,14 @@ def cmd_workspace_port(args: argparse.Namespace, reporter: Reporter) -> int:
         _emit(args, {"removed": args.guest_port}, f"removed port {args.guest_port}")
     else:
         ports = runtime.ports(args.name)
-        _emit(
-            args,
-            [p.to_json() for p in ports],
-            "\n".join(_port_line(p) for p in ports) or "no ports",
-        )
+        _emit_list(args, [p.to_json() for p in ports], [_port_line(p) for p in ports], "no ports")
     return 0
+
+
+def _emit_list(
+    args: argparse.Namespace, data: list[dict[str, Any]], lines: list[str], empty: str
+) -> None:
+    _emit(args, data, "\n".join(lines) or empty)
 
 
 def cmd_workspace_snapshot(args: argparse.Namespace, reporter: Reporter) -> int:
@@ -366,11 +368,8 @@ def cmd_workspace_snapshot(args: argparse.Namespace, reporter: Reporter) -> int:
         _emit(args, {"removed": args.snapshot}, f"removed {args.name}/{args.snapshot}")
     else:
         snapshots = runtime.snapshots(args.name)
-        _emit(
-            args,
-            [s.to_json() for s in snapshots],
-            "\n".join(f"{s.name} {s.created}" for s in snapshots) or "no snapshots",
-        )
+        lines = [f"{s.name} {s.created}" for s in snapshots]
+        _emit_list(args, [s.to_json() for s in snapshots], lines, "no snapshots")
     return 0
 
 

@@ -576,14 +576,17 @@ class IncusRuntime(Runtime):
         found = self.incus.json("snapshot", "list", self.incus.ref(name))
         return [Snapshot(s["name"], str(s.get("created_at", ""))) for s in found]
 
-    def snapshot(self, name: str, snapshot: str) -> Snapshot:
+    def _snapshot_verb(self, verb: str, name: str, snapshot: str) -> None:
         check_slug(snapshot, "snapshot name")
         with self._locked(name):
             self._instance(name)
             try:
-                self.incus.run("snapshot", "create", self.incus.ref(name), snapshot)
+                self.incus.run("snapshot", verb, self.incus.ref(name), snapshot)
             except CommandFailed as exc:
                 raise translate(exc, f"snapshot '{snapshot}' of '{name}'") from None
+
+    def snapshot(self, name: str, snapshot: str) -> Snapshot:
+        self._snapshot_verb("create", name, snapshot)
         return next(s for s in self.snapshots(name) if s.name == snapshot)
 
     def restore(self, name: str, snapshot: str) -> Workspace:
@@ -602,13 +605,7 @@ class IncusRuntime(Runtime):
         return self.status(name)
 
     def remove_snapshot(self, name: str, snapshot: str) -> None:
-        check_slug(snapshot, "snapshot name")
-        with self._locked(name):
-            self._instance(name)
-            try:
-                self.incus.run("snapshot", "delete", self.incus.ref(name), snapshot)
-            except CommandFailed as exc:
-                raise translate(exc, f"snapshot '{snapshot}' of '{name}'") from None
+        self._snapshot_verb("delete", name, snapshot)
 
     # ---- dynamic ports ----------------------------------------------------------------------
 
