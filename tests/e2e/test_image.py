@@ -50,7 +50,10 @@ def test_manifest_records_inputs_versions_and_outputs(
     assert packages["npm"]["node"].startswith("24.")
     assert "systemd" in packages["debian"] and "openssh-server" in packages["debian"]
     outputs = manifest["outputs"]
-    assert set(outputs) == {"raw", "qcow2"}
+    assert set(outputs) == {"raw", "qcow2", "incus", "incus-container"}
+    container = built_image.output_path("incus-container")
+    assert sorted(p.name for p in container.iterdir()) == ["metadata.tar", "rootfs.squashfs"]
+    assert set(outputs["incus-container"]["files"]) == {"metadata.tar", "rootfs.squashfs"}
     qcow2 = built_image.output_path("qcow2")
     assert hashlib.sha256(qcow2.read_bytes()).hexdigest() == outputs["qcow2"]["sha256"]
     assert built_image.output_path("raw").stat().st_size == 20 << 30

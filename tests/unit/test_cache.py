@@ -135,6 +135,22 @@ def test_plan_starts_from_the_latest_cached_stage(cache: StageCache, tmp_path: P
     forced = CachePlan(cache, keys, read=False)
     forced.find_start()
     assert forced.start is None
+    # With the disk cached too, a format that reads the root tree starts at the root.
+    cache.put(
+        "disk",
+        "d",
+        {"disk.raw": payload(tmp_path, "disk.raw", b"disk")},
+        {},
+        scratch=scratch(tmp_path),
+    )
+    plan = CachePlan(cache, keys, read=True)
+    plan.find_start()
+    assert plan.start is not None and plan.start.stage == "disk"
+    plan.release()
+    plan = CachePlan(cache, keys, read=True)
+    plan.find_start(need_root=True)
+    assert plan.start is not None and plan.start.stage == "provision"
+    plan.release()
 
 
 def test_entry_records_are_json_with_each_files_digest(cache: StageCache, tmp_path: Path) -> None:

@@ -133,9 +133,14 @@ def build_esp(ctx: BuildContext, esp: Path) -> None:
     ctx.facts["kernel"] = kernel.name.removeprefix("vmlinuz-")
 
 
-def assemble_disk(ctx: BuildContext) -> None:
+def prepare_root(ctx: BuildContext) -> None:
+    """The root as the disk holds it: its boot configuration, no time after the epoch."""
     write_boot_config(ctx)
     clamp_mtimes(ctx.root, ctx.source_date_epoch)
+
+
+def assemble_disk(ctx: BuildContext) -> None:
+    prepare_root(ctx)
     # The file listing (for `image diff`) reads the tree on the second core meanwhile.
     with ThreadPoolExecutor(max_workers=1) as pool:
         listed = pool.submit(write_listing, ctx.root, ctx.listing)

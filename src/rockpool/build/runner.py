@@ -17,9 +17,9 @@ from typing import Any
 
 from rockpool import host
 from rockpool.build.bootstrap import bootstrap
-from rockpool.build.cache import CachePlan, StageCache, configured_max_bytes
+from rockpool.build.cache import CacheEntry, CachePlan, StageCache, configured_max_bytes
 from rockpool.build.context import BuildContext
-from rockpool.build.disk import assemble_disk
+from rockpool.build.disk import assemble_disk, prepare_root
 from rockpool.build.keys import input_digest, stage_keys
 from rockpool.build.outputs import is_verified, land, write_formats
 from rockpool.build.plan import BuildPlan
@@ -129,16 +129,29 @@ def cached_provision(ctx: BuildContext) -> None:
     _root_stage(ctx, "provision", provision_with_node_layer)
 
 
+def _link_disk(ctx: BuildContext, entry: CacheEntry) -> None:
+    link_tree(entry.file(ctx.disk.name), ctx.disk)
+    link_tree(entry.file(LISTING), ctx.listing)
+    ctx.facts.update(entry.facts)
+    ctx.record("disk", "cached")
+
+
 def cached_disk(ctx: BuildContext) -> None:
     plan = ctx.require_cache_plan()
     entry = plan.restores("disk")
     if entry is not None:
-        link_tree(entry.file(ctx.disk.name), ctx.disk)
-        link_tree(entry.file(LISTING), ctx.listing)
+        _link_disk(ctx, entry)
         plan.release()
-        ctx.facts.update(entry.facts)
-        ctx.record("disk", "cached")
         return
+    if plan.read:
+        # The build restored the root only because a format reads it: the cached disk
+        # is still good, and the root gets what the disk stage writes into it.
+        with plan.cache.locked(exclusive=False):
+            cached = plan.cache.get("disk", plan.keys.disk)
+            if cached is not None:
+                prepare_root(ctx)
+                _link_disk(ctx, cached)
+                return
     assemble_disk(ctx)
     facts = {key: ctx.facts[key] for key in ("packages", "kernel", "disk")}
     files = {ctx.disk.name: ctx.disk, LISTING: ctx.listing}
