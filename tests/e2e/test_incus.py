@@ -392,20 +392,34 @@ def copy_version(version: Version, store: Store, name: str) -> Version:
     return store.land(name, version.id, prepared, manifest)
 
 
-def test_image_rm_and_gc_uninstall_from_incus_only_what_no_instance_uses(
-    minimal_image: Version, incusd: Daemon, tmp_path: Path
+def test_aliases_follow_the_latest_and_rm_and_gc_uninstall_only_what_nothing_uses(
+    minimal_image: Version, built_image: Version, incusd: Daemon, tmp_path: Path
 ) -> None:
-    """In a store of its own: gc removes what no workspace holds, and the suite's store
-    has versions other tests still need."""
+    """Two versions of one image, in a store of its own (gc removes what no workspace
+    holds, and the suite's store has versions other tests still need)."""
     home = tmp_path / "store"
-    version = copy_version(minimal_image, Store(home), "incus-gc")
+    old = copy_version(minimal_image, Store(home), "incus-gc")
+    new = copy_version(built_image, Store(home), "incus-gc")
 
     def ours() -> list[dict[str, Any]]:
         images: list[dict[str, Any]] = incusd.json("image", "list")
         return [i for i in images if i["properties"].get("rockpool.image") == "incus-gc"]
 
-    rockpool(home, incusd, "image", "install", version.ref, "--runtime", "incus")
+    def target(alias: str) -> str:
+        found = [a for a in incusd.json("image", "alias", "list") if a["name"] == alias]
+        assert len(found) == 1, alias
+        return str(found[0]["target"])
+
+    rockpool(home, incusd, "image", "install", old.ref, "--runtime", "incus")
     assert {image["type"] for image in ours()} == {"container", "virtual-machine"}
+    old_container = target(f"incus-gc/{old.id}")
+    assert target("incus-gc/latest") == old_container
+    rockpool(home, incusd, "image", "install", new.ref, "--runtime", "incus")
+    assert len(ours()) == 4
+    assert target("incus-gc/latest") == target(f"incus-gc/{new.id}") != old_container
+    assert target("incus-gc/latest/vm") == target(f"incus-gc/{new.id}/vm")
+    assert target(f"incus-gc/{old.id}") == old_container
+
     rockpool(
         home,
         incusd,
@@ -415,14 +429,57 @@ def test_image_rm_and_gc_uninstall_from_incus_only_what_no_instance_uses(
         "--runtime",
         "incus",
         "--image",
-        version.ref,
+        old.ref,
         "--type",
         "container",
     )
-    removed = rockpool(home, incusd, "image", "rm", version.ref)
-    assert removed
-    # The container image is what probe was made from: it stays; the VM image goes.
-    assert [image["type"] for image in ours()] == ["container"]
+    rockpool(home, incusd, "image", "rm", old.ref)
+    # The old container image is what probe was made from: it stays; the old VM image goes.
+    left = {(i["properties"]["rockpool.version"], i["type"]) for i in ours()}
+    assert left == {(old.id, "container"), (new.id, "container"), (new.id, "virtual-machine")}
     rockpool(home, incusd, "workspace", "rm", "probe", "--runtime", "incus")
     rockpool(home, incusd, "image", "gc")
-    assert ours() == []
+    assert {i["properties"]["rockpool.version"] for i in ours()} == {new.id}
+
+
+def test_a_project_keeps_its_workspaces_apart(
+    minimal_image: Version, store_home: Path, incusd: Daemon
+) -> None:
+    # The project shares the default project's images and profiles (its pool).
+    incusd.incus(
+        "project",
+        "create",
+        "team-a",
+        "-c",
+        "features.images=false",
+        "-c",
+        "features.profiles=false",
+    )
+    in_project = ("--runtime", "incus", "--project", "team-a")
+    created = rockpool(
+        store_home,
+        incusd,
+        "workspace",
+        "create",
+        "tenant",
+        "--image",
+        minimal_image.ref,
+        "--type",
+        "container",
+        *in_project,
+    )
+    assert created["details"]["project"] == "team-a"
+    names = [i["name"] for i in incusd.json("list", "--project", "team-a")]
+    assert names == ["tenant"]
+    assert "tenant" not in [i["name"] for i in incusd.json("list")]
+    listed = rockpool(store_home, incusd, "workspace", "ls", *in_project)
+    assert [w["name"] for w in listed] == ["tenant"]
+    others = rockpool(store_home, incusd, "workspace", "ls", "--runtime", "incus")
+    assert "tenant" not in [w["name"] for w in others]
+    missing = rockpool_fails(
+        store_home, incusd, "workspace", "status", "tenant", "--runtime", "incus"
+    )
+    assert missing.returncode == 3, missing.stderr
+    rockpool(store_home, incusd, "workspace", "rm", "tenant", *in_project)
+    assert incusd.json("list", "--project", "team-a") == []
+    incusd.incus("project", "delete", "team-a")

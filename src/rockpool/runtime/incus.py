@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import tempfile
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -179,15 +180,8 @@ class IncusRuntime(Runtime):
                 raise
             # Replace it at once, no gap without the alias: the 'NAME/latest' of a newer build.
             target = {"target": fingerprint, "description": ""}
-            self.incus.run(
-                "query",
-                "-X",
-                "PUT",
-                "--data",
-                json.dumps(target),
-                f"{self.incus.server}/1.0/images/aliases/{alias}",
-                capture=True,
-            )
+            path = f"/1.0/images/aliases/{urllib.parse.quote(alias, safe='')}"
+            self.incus.query(path, method="PUT", data=target)
 
     def _installed(self, version: Version) -> list[dict[str, Any]]:
         return [

@@ -51,7 +51,8 @@ class Incus:
         return f"{self.remote}:" if self.remote else "local:"
 
     def _argv(self, args: Sequence[str | Path]) -> list[str | Path]:
-        project = ["--project", self.project] if self.project else []
+        # `incus query` takes no --project: its path carries the project (query()).
+        project = ["--project", self.project] if self.project and args[0] != "query" else []
         return ["incus", *project, *args]
 
     def run(
@@ -86,10 +87,19 @@ class Incus:
     def json(self, *args: str | Path, timeout: float | None = None) -> Any:
         return json.loads(self.run(*args, "--format", "json", capture=True, timeout=timeout).stdout)
 
-    def query(self, path: str, timeout: float | None = None) -> Any:
-        """GET of one REST path through the client (its remotes, certificates, project)."""
-        target = f"{self.server}{path}"
-        return json.loads(self.run("query", target, capture=True, timeout=timeout).stdout)
+    def query(
+        self,
+        path: str,
+        timeout: float | None = None,
+        method: str = "GET",
+        data: dict[str, Any] | None = None,
+    ) -> Any:
+        """One REST request through the client (its remotes, certificates), in the project."""
+        if self.project:
+            path += ("&" if "?" in path else "?") + f"project={self.project}"
+        request = ["-X", method] + (["--data", json.dumps(data)] if data is not None else [])
+        result = self.run("query", *request, f"{self.server}{path}", capture=True, timeout=timeout)
+        return json.loads(result.stdout) if result.stdout.strip() else None
 
     def reachable(self) -> bool:
         """Whether the client is installed and its server answers."""
