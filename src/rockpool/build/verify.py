@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from rockpool.config_disk import make_config_disk
 from rockpool.errors import CommandFailed, InvalidInput, RockpoolError
 from rockpool.rundir import run_directory
-from rockpool.tools.qemu import PANICKED, QemuVM, VMConfig, free_port
+from rockpool.tools.qemu import QemuVM, VMConfig, free_port
 from rockpool.tools.qemu_img import create_overlay
 
 if TYPE_CHECKING:
@@ -148,8 +148,8 @@ def verify_boot(ctx: BuildContext) -> None:
 def _wait(vm: QemuVM, how: str, deadline: float) -> None:
     while time.monotonic() < deadline:
         state = vm.state()
-        if state.state == "failed" and (state.reason or "").startswith(PANICKED):
-            raise GuestPanicked(state.reason or PANICKED)
+        if state.panicked:
+            raise GuestPanicked(state.reason or "the guest kernel panicked")
         if state.state != "running":
             _fail(vm, f"the VM is {state.state}" + (f" ({state.reason})" if state.reason else ""))
         if how == "SSH":

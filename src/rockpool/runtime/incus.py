@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import urllib.parse
 from collections.abc import Iterator, Mapping
@@ -122,7 +123,8 @@ class IncusRuntime(Runtime):
             )
         self.instance_type = TYPES.get(instance_type or "")
         self.listen = os.environ.get("ROCKPOOL_INCUS_LISTEN", "127.0.0.1")
-        self.configs = store.root / "incus"  # the VMs' config disks, by workspace
+        # The VMs' config disks, by workspace; beside the locks, never one of them.
+        self.configs = store.root / "incus" / "config-disks"
 
     def available(self) -> bool:
         return self.incus.reachable()
@@ -376,7 +378,7 @@ class IncusRuntime(Runtime):
             if instance["type"] == CONTAINER:
                 self._push_carrier(name, variables, keys)
             else:
-                self._attach_config_disk(name, instance_id, env, authorized_keys)
+                self._attach_config_disk(instance, instance_id, env, authorized_keys)
             try:
                 self.incus.run("start", self.incus.ref(name))
             except CommandFailed as exc:
@@ -412,21 +414,23 @@ class IncusRuntime(Runtime):
 
     def _attach_config_disk(
         self,
-        name: str,
+        instance: dict[str, Any],
         instance_id: str,
         env: Mapping[str, str] | None,
         authorized_keys: str | None,
     ) -> None:
+        name = instance["name"]
         directory = self.configs / name
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         disk = write_config_disk(directory, name, instance_id, env, authorized_keys)
-        self._ensure_device(
-            name, "rockpool-config", {"type": "disk", "source": str(disk), "readonly": "true"}
-        )
+        settings = {"type": "disk", "source": str(disk), "readonly": "true"}
+        self._ensure_device(name, "rockpool-config", settings, _devices(instance))
 
-    def _ensure_device(self, name: str, device: str, settings: dict[str, str]) -> None:
-        instance = self.incus.instance(name) or {}
-        current = _devices(instance).get(device)
+    def _ensure_device(
+        self, name: str, device: str, settings: dict[str, str], devices: dict[str, Any]
+    ) -> None:
+        """Device as settings, given the instance's devices as they are."""
+        current = devices.get(device)
         if current == settings:
             return
         if current is not None:
@@ -452,8 +456,8 @@ class IncusRuntime(Runtime):
         name = instance["name"]
         devices = _devices(instance)
         wanted = dict(GUEST_PORTS)
-        for guest in json.loads(_config(instance).get(PORTS_KEY, "[]")):
-            wanted[f"{PORT_DEVICE}{guest}"] = int(guest)
+        for guest in _dynamic_ports(instance):
+            wanted[f"{PORT_DEVICE}{guest}"] = guest
         taken = self._taken_ports(name)
         running = instance["status"] != "Stopped"
         for device, guest in wanted.items():
@@ -463,7 +467,7 @@ class IncusRuntime(Runtime):
             else:
                 port = network.pick_port(taken, previous)
             taken.add(port)
-            self._ensure_device(name, device, _proxy(self.listen, port, guest))
+            self._ensure_device(name, device, _proxy(self.listen, port, guest), devices)
         for device in devices:
             if device.startswith(PORT_DEVICE) and device not in wanted:
                 self.incus.run("config", "device", "remove", self.incus.ref(name), device)
@@ -532,11 +536,7 @@ class IncusRuntime(Runtime):
                 )
             argv = ["delete", self.incus.ref(name)] + (["--force"] if force else [])
             self.incus.run(*argv)
-            config_dir = self.configs / name
-            for leftover in (config_dir / "config.img", config_dir / "authorized_keys"):
-                leftover.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                config_dir.rmdir()
+            shutil.rmtree(self.configs / name, ignore_errors=True)  # a VM's config disk
 
     def _problems(self, instances: builtins.list[dict[str, Any]]) -> dict[str, Damaged]:
         """What is wrong with each instance whose rockpool config cannot be trusted."""
@@ -613,13 +613,13 @@ class IncusRuntime(Runtime):
                 self.listen if running else None,
                 _listen_port(devices.get(f"{PORT_DEVICE}{guest}")) if running else None,
             )
-            for guest in sorted(json.loads(_config(instance).get(PORTS_KEY, "[]")))
+            for guest in sorted(_dynamic_ports(instance))
         ]
 
     def add_port(self, name: str, guest_port: int) -> PortForward:
         with self._locked(name):
             instance = self._instance(name)
-            ports = set(json.loads(_config(instance).get(PORTS_KEY, "[]")))
+            ports = set(_dynamic_ports(instance))
             if guest_port in GUEST_PORTS.values():
                 raise InvalidInput(f"port {guest_port} is forwarded already (code-server, SSH)")
             if guest_port not in ports and len(ports) >= DYNAMIC_PORTS_LIMIT:
@@ -633,7 +633,7 @@ class IncusRuntime(Runtime):
     def remove_port(self, name: str, guest_port: int) -> None:
         with self._locked(name):
             instance = self._instance(name)
-            ports = set(json.loads(_config(instance).get(PORTS_KEY, "[]")))
+            ports = set(_dynamic_ports(instance))
             if guest_port not in ports:
                 raise NotFound(f"workspace '{name}' has no dynamic port {guest_port}")
             ports.discard(guest_port)
@@ -646,6 +646,11 @@ def _is_ours(instance: dict[str, Any]) -> bool:
     config because its member is down (so it may be one; give workspaces a project of
     their own, docs/incus.md)."""
     return instance.get("config") is None or IMAGE_KEY in _config(instance)
+
+
+def _dynamic_ports(instance: dict[str, Any]) -> builtins.list[int]:
+    """The guest ports the workspace forwards beside code-server's and SSH's."""
+    return [int(port) for port in json.loads(_config(instance).get(PORTS_KEY, "[]"))]
 
 
 def _config(instance: dict[str, Any]) -> dict[str, Any]:

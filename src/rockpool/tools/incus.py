@@ -59,9 +59,7 @@ class Incus:
         self,
         *args: str | Path,
         capture: bool = False,
-        check: bool = True,
         timeout: float | None = None,
-        input_bytes: bytes | None = None,
     ) -> subprocess.CompletedProcess[str]:
         tools.require(tools.INCUS_RUNTIME, "the Incus runtime")
         env = clean_environment({k: os.environ[k] for k in CLIENT_VARIABLES if k in os.environ})
@@ -70,9 +68,7 @@ class Incus:
                 self._argv(args),
                 env=env,
                 capture=capture,
-                check=check,
                 timeout=timeout,
-                input_bytes=input_bytes,
             )
         except CommandFailed as exc:
             if UNREACHABLE.search(exc.stderr_tail):

@@ -112,6 +112,7 @@ class VMState:
     pid: int | None = None
     qemu_status: str | None = None
     reason: str | None = None
+    panicked: bool = False  # failed because the guest kernel panicked (the console says so)
 
 
 SOCKET_PATH_LIMIT = 107  # sun_path holds 108 bytes, the last one NUL
@@ -169,7 +170,7 @@ class QemuProcess:
         if status == "running":
             panic = kernel_panic(self.console_log)
             if panic is not None:
-                return VMState("failed", pid, status, f"{PANICKED}: {panic}")
+                return VMState("failed", pid, status, f"{PANICKED}: {panic}", panicked=True)
             return VMState("running", pid, status)
         if status in qmp.FAILED_STATES:
             tail = _tail(self.console_log, 3).replace("\n", " | ")
