@@ -3,7 +3,9 @@ and foreign-architecture support; and the set-up that installs them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -92,6 +94,56 @@ def require_build_host(spec: ImageSpec, *, verify: bool = True) -> None:
             hint=f"run: sudo apt-get install {package}   (or build with --no-verify)",
         )
     require_foreign_architecture(spec.architecture)
+
+
+def package_versions(programs: Iterable[str]) -> dict[str, str]:
+    """The installed version of each program's Debian package, by package; "absent"
+    for one not installed, and nothing at all on a host without dpkg."""
+    packages = sorted({tools.PACKAGES[program] for program in programs})
+    if shutil.which("dpkg-query", path=CLEAN_PATH) is None:
+        return {}
+    listed = run(
+        [
+            "dpkg-query",
+            "--show",
+            "--showformat",
+            "${Package}\t${db:Status-Status}\t${Version}\n",
+            *packages,
+        ],
+        capture=True,
+        check=False,
+    )
+    versions = dict.fromkeys(packages, "absent")
+    for line in listed.stdout.splitlines():
+        name, status, version = [*line.split("\t"), "", ""][:3]
+        package = name.split(":")[0]  # dpkg-query names a Multi-Arch: same one pkg:arch
+        if package in versions and status == "installed":
+            versions[package] = version
+    return versions
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on, as nproc and make -j see them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # macOS (the Packer path) has no affinity
+
+
+def build_host_facts() -> dict[str, Any]:
+    """What a manifest notes of the machine that built it. None of it is an input:
+    the image's bytes must not depend on it (docs/reproducible.md)."""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith(("model name", "CPU part")):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cpus": usable_cpus(),
+        "python": platform.python_version(),
+    }
 
 
 def missing_firmware(arch: str) -> bool:

@@ -7,8 +7,10 @@ images/workspace.lock.json), one entry per architecture:
     inputs              the spec settings the lock was resolved from
     debian.packages     every installed .deb and its exact version
     npm                 Node.js, npm and code-server: version and sha512 integrity;
-                        npm.tree: every package of code-server's npm-shrinkwrap.json
-                        files, with version and integrity
+                        npm.tree: every package npm installed below code-server,
+                        with version and integrity; npm.lockfiles: the complete lockfile
+                        of each of code-server's npm projects, which a locked build
+                        installs with npm ci
 
 A build of a locked spec pins apt to those versions, checks every npm download against
 the locked integrity, takes SOURCE_DATE_EPOCH from the lock, and fails before the slow
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,10 @@ from rockpool.errors import InvalidInput
 from rockpool.files import write_json_atomic
 from rockpool.spec import ImageSpec, is_installed_spec
 
-LOCK_SCHEMA = 1
+LOCK_SCHEMA = 2  # 2: npm.tree is the installed tree, and npm.lockfiles replays it
 LOCK_SUFFIX = ".lock.json"
 NPM_PACKAGES = ("node", "npm", "code-server")
+LOCKFILE_NAME = re.compile(r"[a-z][a-z0-9-]*")  # a file name in setup.sh's SETUP_NPM_LOCKFILES
 
 
 def lock_path(spec: ImageSpec) -> Path:
@@ -60,13 +63,18 @@ class Lock:
     debian: dict[str, str]
     npm: dict[str, dict[str, str]]
     npm_tree: dict[str, dict[str, str]]
+    npm_lockfiles: dict[str, Any] = field(default_factory=dict)
+    # The host's byte-writing tools when the lock was made (plan.BuildPlan.host_tools):
+    # a build on a host with others is told so, since its bytes may differ.
+    tools: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "source_date_epoch": self.source_date_epoch,
             "inputs": self.inputs,
             "debian": {"packages": self.debian},
-            "npm": {**self.npm, "tree": self.npm_tree},
+            "npm": {**self.npm, "tree": self.npm_tree, "lockfiles": self.npm_lockfiles},
+            "tools": self.tools,
         }
 
     def setup_variables(self) -> dict[str, str]:
@@ -131,14 +139,37 @@ def read_lock(spec: ImageSpec) -> Lock | None:
     except (OSError, ValueError) as exc:
         raise _problem(path, "(file)", f"is not readable JSON ({exc})") from None
     if not isinstance(document, dict) or document.get("schema") != LOCK_SCHEMA:
-        raise _problem(path, "schema", f"must be {LOCK_SCHEMA}")
+        raise _problem(
+            path,
+            "schema",
+            f"must be {LOCK_SCHEMA} (a lock of schema 1 left part of code-server's npm "
+            "tree to the registry of the day)",
+        )
     entries = document.get("architectures", {})
     if not isinstance(entries, dict):
         raise _problem(path, "architectures", "must be a table of architectures")
     entry = entries.get(spec.architecture)
     if entry is None:
         return None
-    prefix = f"architectures.{spec.architecture}"
+    return parse_entry(path, spec.architecture, entry)
+
+
+def read_recorded_lock(path: Path) -> Lock:
+    """The lock entry a version recorded beside its manifest (build/outputs.py)."""
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _problem(path, "(file)", f"is not readable JSON ({exc})") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("architecture"), str):
+        raise _problem(path, "architecture", "is missing")
+    return parse_entry(path, entry["architecture"], entry)
+
+
+def parse_entry(path: Path, architecture: str, entry: Any) -> Lock:
+    """One architecture's entry, checked key by key."""
+    prefix = f"architectures.{architecture}"
+    if not isinstance(entry, dict):
+        raise _problem(path, prefix, "must be a table")
     epoch = entry.get("source_date_epoch")
     if not isinstance(epoch, int) or epoch <= 0:
         raise _problem(path, f"{prefix}.source_date_epoch", "must be a Unix time in seconds")
@@ -159,9 +190,15 @@ def read_lock(spec: ImageSpec) -> Lock | None:
     tree = npm_section.get("tree", {})
     if not isinstance(tree, dict):
         raise _problem(path, f"{prefix}.npm.tree", "must be a table")
+    lockfiles = npm_section.get("lockfiles", {})
+    if not isinstance(lockfiles, dict) or not all(
+        isinstance(name, str) and LOCKFILE_NAME.fullmatch(name) and isinstance(content, dict)
+        for name, content in lockfiles.items()
+    ):
+        raise _problem(path, f"{prefix}.npm.lockfiles", "must map project names to npm lockfiles")
     return Lock(
         path=path,
-        architecture=spec.architecture,
+        architecture=architecture,
         source_date_epoch=epoch,
         inputs=inputs,
         debian=_versions(
@@ -172,6 +209,8 @@ def read_lock(spec: ImageSpec) -> Lock | None:
             name: _integrity_record(path, f"{prefix}.npm.tree.{name}", record, TREE_ALGORITHMS)
             for name, record in tree.items()
         },
+        npm_lockfiles=lockfiles,
+        tools=_versions(path, f"{prefix}.tools", entry.get("tools", {})),
     )
 
 
@@ -237,9 +276,19 @@ def mismatches(lock: Lock, installed: dict[str, Any]) -> list[str]:
             found.append(f"npm {name}: locked {record['version']}, installed {npm.get(name)}")
     tree = installed.get("npm_tree", {})
     for name in sorted(lock.npm_tree.keys() | tree.keys()):
-        if lock.npm_tree.get(name) != tree.get(name):
-            found.append(f"npm tree {name}: locked {lock.npm_tree.get(name)}, has {tree.get(name)}")
+        locked, installed_record = lock.npm_tree.get(name), tree.get(name)
+        if locked != installed_record:
+            found.append(
+                f"npm tree {name}: locked {_tree_record(locked)}, "
+                f"installed {_tree_record(installed_record)}"
+            )
     return found
+
+
+def _tree_record(record: dict[str, str] | None) -> str:
+    if record is None:
+        return "(none)"
+    return f"{record['version']} ({record['integrity'][:16]}...)"
 
 
 # ---- availability ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 from rockpool.build.context import BuildContext
 from rockpool.build.plan import BuildPlan
 from rockpool.build.preflight import check_lock
+from rockpool.build.provision import installed_npm_tree, npm_lockfiles
 from rockpool.errors import InvalidInput
 from rockpool.lock import (
     Lock,
@@ -59,6 +60,8 @@ def sample_lock(spec: ImageSpec) -> Lock:
             "npm": {"version": "11.2.0", "integrity": INTEGRITY},
         },
         npm_tree={"node_modules/ws": {"version": "8.18.0", "integrity": INTEGRITY}},
+        npm_lockfiles={"code-server": {"lockfileVersion": 3, "packages": {}}},
+        tools={"e2fsprogs": "1.47.0-2+b2", "qemu-utils": "1:7.2+dfsg-7+deb12u18+b3"},
     )
 
 
@@ -84,6 +87,8 @@ def test_no_lock_file_means_unlocked(tmp_path: Path) -> None:
         (lambda e: e["debian"].update(packages={"bash": 5}), "debian.packages"),
         (lambda e: e["npm"].pop("node"), "npm.node"),
         (lambda e: e["npm"]["npm"].update(integrity="md5-x"), "npm.npm"),
+        (lambda e: e["npm"].update(lockfiles={"../x": {}}), "npm.lockfiles"),
+        (lambda e: e.update(tools={"e2fsprogs": 1}), "tools"),
     ],
 )
 def test_a_damaged_lock_names_the_key(tmp_path: Path, change: object, key: str) -> None:
@@ -95,6 +100,16 @@ def test_a_damaged_lock_names_the_key(tmp_path: Path, change: object, key: str) 
     lock_path(spec).write_text(json.dumps(document))
     with pytest.raises(InvalidInput, match=rf"image\.lock\.json: architectures\.amd64\.{key}"):
         read_lock(spec)
+
+
+def test_a_lock_of_schema_1_is_refused_with_the_reason(tmp_path: Path) -> None:
+    spec = load_spec(make_spec(tmp_path))
+    write_lock(spec, sample_lock(spec))
+    document = json.loads(lock_path(spec).read_text())
+    lock_path(spec).write_text(json.dumps({**document, "schema": 1}))
+    with pytest.raises(InvalidInput, match=r"schema: must be 2 .*registry of the day") as caught:
+        read_lock(spec)
+    assert "rockpool image lock" in str(caught.value.hint)
 
 
 def test_unreadable_lock_is_a_clear_error(tmp_path: Path) -> None:
@@ -135,6 +150,48 @@ def test_mismatches_name_each_package(tmp_path: Path) -> None:
         "debian git: locked (none), installed 1:2.47",
         "debian systemd: locked 257.9-1~deb13u1, installed 257.8-1",
     ]
+
+
+def test_an_npm_tree_that_drifted_from_the_lock_is_named(tmp_path: Path) -> None:
+    """What let two builds from one lock differ: npm resolved part of the tree against
+    the registry of the day. The installed tree is now checked against the lock."""
+    lock = sample_lock(load_spec(make_spec(tmp_path)))
+    newer = {"version": "8.23.1", "integrity": "sha512-" + "B" * 86 + "=="}
+    installed = {
+        "debian": lock.debian,
+        "npm": {"node": "24.1.0", "npm": "11.2.0"},
+        "npm_tree": {"node_modules/ws": newer, "node_modules/extra": newer},
+    }
+    assert mismatches(lock, installed) == [
+        "npm tree node_modules/extra: locked (none), installed 8.23.1 (sha512-BBBBBBBBB...)",
+        f"npm tree node_modules/ws: locked 8.18.0 ({INTEGRITY[:16]}...), "
+        "installed 8.23.1 (sha512-BBBBBBBBB...)",
+    ]
+
+
+def test_the_installed_tree_is_read_from_what_npm_installed(tmp_path: Path) -> None:
+    """npm's own record of each project's node_modules, not the lockfile it shipped."""
+    package = tmp_path / "code-server"
+    hidden = {
+        "": {"version": "4.0.0"},
+        "node_modules/ws": {"version": "8.23.1", "integrity": INTEGRITY},
+        "node_modules/linked": {"link": True, "resolved": "../x"},
+        "node_modules/a/node_modules/bundled": {"version": "1.0.0", "inBundle": True},
+    }
+    for project, packages in (
+        (".", hidden),
+        ("lib/vscode", {"node_modules/tslib": {"version": "2.9.1", "integrity": INTEGRITY}}),
+    ):
+        (package / project / "node_modules").mkdir(parents=True)
+        (package / project / "node_modules" / ".package-lock.json").write_text(
+            json.dumps({"lockfileVersion": 3, "packages": packages})
+        )
+        (package / project / "npm-shrinkwrap.json").write_text(json.dumps({"packages": {}}))
+    assert installed_npm_tree(package) == {
+        "lib/vscode/node_modules/tslib": {"version": "2.9.1", "integrity": INTEGRITY},
+        "node_modules/ws": {"version": "8.23.1", "integrity": INTEGRITY},
+    }
+    assert set(npm_lockfiles(package)) == {"code-server", "lib-vscode"}
 
 
 def test_packages_index_parsing_and_availability(tmp_path: Path) -> None:
@@ -228,4 +285,7 @@ def test_the_committed_default_lock_matches_the_default_spec() -> None:
     assert set(lock.inputs["packages"]) <= set(lock.debian)
     assert lock.npm["code-server"]["version"] == spec.code_server_version
     assert lock.npm["node"]["version"].startswith(f"{spec.node_major}.")
-    assert len(lock.npm_tree) > 100  # code-server's shrinkwrapped dependencies
+    assert len(lock.npm_tree) > 100  # what npm installed below code-server
+    # each of code-server's npm projects is replayed from its complete lockfile
+    assert set(lock.npm_lockfiles) == {"code-server", "lib-vscode", "lib-vscode-extensions"}
+    assert "e2fsprogs" in lock.tools and "qemu-utils" in lock.tools

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lz4.version
+
 import rockpool
 from rockpool.build.cache import StageKeys
 from rockpool.build.plan import BuildPlan
@@ -30,8 +32,8 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
 }
 
 
-def code_digests(patterns: Sequence[str]) -> list[str]:
-    """sha256 of each source file the patterns match, in path order."""
+def code_files(patterns: Sequence[str]) -> dict[str, str]:
+    """sha256 of each source file the patterns match, by its path below the package."""
     modules: set[Path] = set()
     for pattern in patterns:
         matched = sorted(PACKAGE_DIR.glob(pattern))
@@ -41,7 +43,15 @@ def code_digests(patterns: Sequence[str]) -> list[str]:
                 hint="a module was moved or renamed: update STAGE_CODE in build/keys.py",
             )
         modules.update(matched)
-    return [hashlib.sha256(m.read_bytes()).hexdigest() for m in sorted(modules)]
+    return {
+        m.relative_to(PACKAGE_DIR).as_posix(): hashlib.sha256(m.read_bytes()).hexdigest()
+        for m in sorted(modules)
+    }
+
+
+def code_digests(patterns: Sequence[str]) -> list[str]:
+    """sha256 of each source file the patterns match, in path order."""
+    return list(code_files(patterns).values())
 
 
 def all_stage_code() -> tuple[str, ...]:
@@ -52,7 +62,10 @@ def input_digest(plan: BuildPlan) -> str:
     """What a stored version is found by: the spec, setup.sh, the code of every stage
     and the lock."""
     locked = [json.dumps(plan.lock.to_json(), sort_keys=True)] if plan.lock is not None else []
-    return spec_digest(plan.spec, plan.setup.sha256, *code_digests(all_stage_code()), *locked)
+    tools = json.dumps(plan.host_tools, sort_keys=True)
+    return spec_digest(
+        plan.spec, plan.setup.sha256, *code_digests(all_stage_code()), *locked, tools
+    )
 
 
 def _key(stage: str, **inputs: Any) -> str:
@@ -72,15 +85,23 @@ def stage_keys(plan: BuildPlan, epoch: int) -> StageKeys:
         packages=list(plan.bootstrap_packages),
         locked=lock.debian if lock else None,
         source_date_epoch=epoch,
+        tools=plan.stage_tools("bootstrap"),
     )
     provision = _key(
         "provision",
         after=bootstrap,
         setup_script=setup.sha256,
         variables=setup.variables,
-        locked=[lock.npm, lock.npm_tree] if lock else None,
+        locked=[lock.npm, lock.npm_tree, lock.npm_lockfiles] if lock else None,
     )
-    disk = _key("disk", after=provision, name=spec.name, suite=spec.suite, size=spec.disk_size)
+    disk = _key(
+        "disk",
+        after=provision,
+        name=spec.name,
+        suite=spec.suite,
+        size=spec.disk_size,
+        tools=plan.stage_tools("disk"),
+    )
     layer = setup.node_layer
     node_layer = (
         _key(
@@ -89,13 +110,21 @@ def stage_keys(plan: BuildPlan, epoch: int) -> StageKeys:
             layer="node",
             script=layer.digests(),
             variables=setup.variables,
-            locked=lock.npm if lock else None,
+            locked=[lock.npm, lock.npm_lockfiles] if lock else None,
         )
         if layer is not None
         else None
     )
     formats = {
-        name: _key("formats", after=disk, format=name, cpus=spec.cpus, memory=spec.memory)
+        name: _key(
+            "formats",
+            after=disk,
+            format=name,
+            cpus=spec.cpus,
+            memory=spec.memory,
+            tools=plan.stage_tools("formats"),
+            lz4=lz4.version.version,
+        )
         for name in spec.formats
     }
     return StageKeys(bootstrap, provision, disk, formats, node_layer)

@@ -8,6 +8,7 @@ from pathlib import Path
 from rockpool import host
 from rockpool.build.cache import CACHED_STAGES, StageCache
 from rockpool.build.keys import stage_keys
+from rockpool.build.outputs import resolved_lockfiles
 from rockpool.build.plan import BuildPlan
 from rockpool.build.preflight import registry_integrity
 from rockpool.build.runner import BuildResult, build_plan
@@ -45,6 +46,8 @@ def lock_spec(
         debian=installed["debian"],
         npm=npm,
         npm_tree=installed.get("npm_tree", {}),
+        npm_lockfiles=resolved_lockfiles(result.landed),
+        tools=plan.host_tools,
     )
     path = write_lock(spec, lock)
     cache = StageCache.of_store(store.root)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -14,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import rockpool
+from rockpool import host
 from rockpool.build.cache import CachePlan
 from rockpool.build.context import BuildContext
+from rockpool.build.keys import all_stage_code, code_files
 from rockpool.build.rootfs import LISTING
 from rockpool.files import copy_private, link_tree, sha256_file
 from rockpool.formats import OutputFormat, output_format
@@ -122,7 +125,41 @@ def version_id(outputs: Mapping[str, Any]) -> str:
     ).hexdigest()[:12]
 
 
+# What a version records of its inputs beside its manifest, so that `rockpool image
+# verify` can rebuild it anywhere: setup.sh as it ran and the lock entry it was built
+# from. And what npm resolved: the lockfiles `rockpool image lock` keeps.
+INPUTS_DIR = "inputs"
+RECORDED_SETUP = "setup.sh"
+RECORDED_LOCK = "lock.json"
+NPM_LOCKFILES = "npm-lockfiles.json"
+
+
+def resolved_lockfiles(version: Version) -> dict[str, Any]:
+    path = version.path / NPM_LOCKFILES
+    if not path.is_file():
+        return {}
+    lockfiles: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return lockfiles
+
+
+def _record_inputs(ctx: BuildContext) -> None:
+    inputs = ctx.outputs_dir / INPUTS_DIR
+    inputs.mkdir()
+    (inputs / RECORDED_SETUP).write_text(ctx.plan.setup.text, encoding="utf-8")
+    if ctx.lock is not None:
+        entry = {"architecture": ctx.lock.architecture, **ctx.lock.to_json()}
+        (inputs / RECORDED_LOCK).write_text(json.dumps(entry, indent=1) + "\n")
+    lockfiles = ctx.facts.get("packages", {}).get("npm_lockfiles")
+    if lockfiles:
+        (ctx.outputs_dir / NPM_LOCKFILES).write_text(json.dumps(lockfiles, indent=1) + "\n")
+
+
 def manifest(ctx: BuildContext, started: float) -> dict[str, Any]:
+    packages = {
+        kind: listed
+        for kind, listed in ctx.facts.get("packages", {}).items()
+        if kind != "npm_lockfiles"  # beside the manifest, in NPM_LOCKFILES
+    }
     return {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "rockpool_version": rockpool.__version__,
@@ -133,7 +170,7 @@ def manifest(ctx: BuildContext, started: float) -> dict[str, Any]:
         "user": ctx.spec.user,
         "spec": ctx.spec.to_json(),
         "builder": ctx.facts.get("builder", {"name": "mmdebstrap"}),
-        "packages": ctx.facts.get("packages", {}),
+        "packages": packages,
         "kernel": ctx.facts.get("kernel"),
         "disk": ctx.facts.get("disk", {}),
         "outputs": ctx.facts["outputs"],
@@ -141,6 +178,12 @@ def manifest(ctx: BuildContext, started: float) -> dict[str, Any]:
         "verification": ctx.facts.get(
             "verification", {"verified": False, "skipped": "this builder does not boot-verify"}
         ),
+        "inputs": {
+            "setup_script": ctx.plan.setup.sha256,
+            "locked": ctx.lock is not None,
+            "code": code_files(all_stage_code()),
+        },
+        "build_host": {**host.build_host_facts(), "tools": ctx.plan.host_tools},
         "stage_seconds": ctx.stage_seconds,
         "build_seconds": round(time.monotonic() - started, 1),
     }
@@ -148,6 +191,7 @@ def manifest(ctx: BuildContext, started: float) -> dict[str, Any]:
 
 def land(ctx: BuildContext, started: float) -> Version:
     copy_private(ctx.log_path, ctx.outputs_dir / "build.log")
+    _record_inputs(ctx)
     if ctx.listing.is_file():
         shutil.copyfile(ctx.listing, ctx.outputs_dir / LISTING)
     return ctx.store.land(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rockpool import host
 from rockpool.build.bootstrap import BOOT_PACKAGES, KERNEL_PACKAGE
 from rockpool.build.preflight import archive_epoch
 from rockpool.build.provision import NodeLayerScript, setup_variables
@@ -24,6 +25,11 @@ from rockpool.command import clean_environment, run
 from rockpool.errors import InvalidInput
 from rockpool.lock import Lock, check_inputs, lock_path, locked_inputs, read_lock
 from rockpool.spec import ImageSpec
+from rockpool.tools import BYTE_WRITERS, PACKAGES
+
+
+def byte_writers() -> list[str]:
+    return [program for programs in BYTE_WRITERS.values() for program in programs]
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,8 @@ class BuildPlan:
     bootstrap_packages: tuple[str, ...]  # everything the bootstrap installs, in one apt run
     ca_bundle: Path | None
     epoch_override: int | None = None  # SOURCE_DATE_EPOCH from the environment
+    # The Debian versions of the host programs that write image bytes, by package.
+    host_tools: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def resolve(
@@ -100,6 +108,15 @@ class BuildPlan:
     ) -> BuildPlan:
         """The plan of a build of spec: from its lock when it has one and use_lock is
         set, the lock checked against what the spec asks for now."""
+        epoch = source_date_epoch_override()  # a bad value is named before anything is read
+        lock = read_lock(spec) if use_lock else None
+        return cls.of(spec, lock, ca_bundle=ca_bundle, epoch=epoch)
+
+    @classmethod
+    def of(
+        cls, spec: ImageSpec, lock: Lock | None, *, ca_bundle: Path | None, epoch: int | None
+    ) -> BuildPlan:
+        """The plan of a build of spec from lock (or none), at epoch (or the lock's)."""
         setup = SetupScript.read(spec)
         packages = tuple(
             dict.fromkeys(
@@ -111,11 +128,27 @@ class BuildPlan:
                 ]
             )
         )
-        lock = read_lock(spec) if use_lock else None
         if lock is not None:
             check_inputs(lock, locked_inputs(spec, list(packages)))
         bundle = checked_ca_bundle(ca_bundle) if ca_bundle else default_ca_bundle()
-        return cls(spec, lock, setup, packages, bundle, source_date_epoch_override())
+        return cls(
+            spec, lock, setup, packages, bundle, epoch, host.package_versions(byte_writers())
+        )
+
+    def stage_tools(self, stage: str) -> dict[str, str]:
+        """The versions of the host packages whose programs write stage's bytes."""
+        wanted = {PACKAGES[program] for program in BYTE_WRITERS.get(stage, ())}
+        return {name: v for name, v in self.host_tools.items() if name in wanted}
+
+    def tool_differences(self) -> list[str]:
+        """How this host's byte-writing tools differ from those the lock was made with."""
+        if self.lock is None or not self.lock.tools:
+            return []
+        return [
+            f"{name} {self.lock.tools.get(name, '(none)')} -> {self.host_tools.get(name, '(none)')}"
+            for name in sorted(self.lock.tools.keys() | self.host_tools.keys())
+            if self.lock.tools.get(name) != self.host_tools.get(name)
+        ]
 
     @property
     def lock_file(self) -> Path:

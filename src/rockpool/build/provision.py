@@ -37,7 +37,7 @@ BUILD_RUN = "/run/rockpool-build"
 # never an argument, so never in a log or in another user's `ps`.
 CHROOT_RUNNER = r"""
 set -euo pipefail
-root=$1 setup=$2 ca=$3
+root=$1 setup=$2 ca=$3 lockfiles=$4
 mount -t proc proc "$root/proc"
 mount -t sysfs sysfs "$root/sys"
 mount --rbind /dev "$root/dev"
@@ -45,6 +45,7 @@ mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs "$root/run"
 mkdir -p "$root$BUILD_RUN"
 install -m 0755 "$setup" "$root$BUILD_RUN/setup.sh"
 [ -n "$ca" ] && install -m 0644 "$ca" "$root$BUILD_RUN/ca.pem"
+[ -n "$lockfiles" ] && cp -r "$lockfiles" "$root$BUILD_RUN/npm-lockfiles"
 # DNS for the build only; setup.sh points resolv.conf at systemd-resolved for the image.
 rm -f "$root/etc/resolv.conf"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
@@ -90,14 +91,28 @@ def setup_environment(ctx: BuildContext) -> dict[str, str]:
         **ctx.plan.setup.variables,
         **(ctx.lock.setup_variables() if ctx.lock is not None else {}),
     }
+    if ctx.lock is not None and ctx.lock.npm_lockfiles:
+        env["SETUP_NPM_LOCKFILES"] = NPM_LOCKFILES_DIR
     if ctx.ca_bundle is not None:
         env.update(_ca_variables(f"{BUILD_RUN}/ca.pem"))
     env.update({name: os.environ[name] for name in PROXY_VARIABLES if name in os.environ})
     return env
 
 
+def _write_lockfiles(ctx: BuildContext) -> Path | None:
+    """The lock's npm lockfiles as files, for setup.sh's SETUP_NPM_LOCKFILES."""
+    if ctx.lock is None or not ctx.lock.npm_lockfiles:
+        return None
+    directory = ctx.work / "npm-lockfiles"
+    directory.mkdir(exist_ok=True)
+    for name, lockfile in ctx.lock.npm_lockfiles.items():
+        (directory / f"{name}.json").write_text(json.dumps(lockfile, indent=2) + "\n")
+    return directory
+
+
 def provision_argv(ctx: BuildContext) -> list[str | Path]:
     runner = f"BUILD_RUN={BUILD_RUN}\nCHROOT_PATH={CLEAN_PATH}\n" + CHROOT_RUNNER
+    lockfiles = _write_lockfiles(ctx)
     return [
         "bash",
         "-c",
@@ -106,6 +121,7 @@ def provision_argv(ctx: BuildContext) -> list[str | Path]:
         ctx.root,
         ctx.plan.setup.path,
         str(ctx.ca_bundle or ""),
+        str(lockfiles or ""),
     ]
 
 
@@ -201,26 +217,52 @@ def installed_versions(root: Path) -> dict[str, Any]:
         manifest = root / "usr/local/lib/node_modules" / package / "package.json"
         if manifest.is_file():
             npm[package] = json.loads(manifest.read_text(encoding="utf-8"))["version"]
+    package_dir = root / CODE_SERVER_DIR
     return {
         "debian": dict(sorted(debian.items())),
         "npm": npm,
-        "npm_tree": shrinkwrap_tree(root / "usr/local/lib/node_modules/code-server"),
+        "npm_tree": installed_npm_tree(package_dir),
+        "npm_lockfiles": npm_lockfiles(package_dir),
     }
 
 
-def shrinkwrap_tree(package_dir: Path) -> dict[str, dict[str, str]]:
-    """Every package code-server's own npm-shrinkwrap.json files pin (npm installs from
-    them and checks each integrity), keyed by its path below code-server."""
+# code-server's npm projects, as setup.sh installs them, and the names of their
+# lockfiles in a lock (and in SETUP_NPM_LOCKFILES).
+CODE_SERVER_DIR = "usr/local/lib/node_modules/code-server"
+CODE_SERVER_PROJECTS = {
+    ".": "code-server",
+    "lib/vscode": "lib-vscode",
+    "lib/vscode/extensions": "lib-vscode-extensions",
+}
+NPM_LOCKFILES_DIR = f"{BUILD_RUN}/npm-lockfiles"
+
+
+def installed_npm_tree(package_dir: Path) -> dict[str, dict[str, str]]:
+    """Every package npm put below code-server, from the lockfile npm keeps of each
+    project's actual node_modules, keyed by its path below code-server. Packages bundled
+    inside another's tarball are left out: that tarball's integrity covers them."""
     tree: dict[str, dict[str, str]] = {}
-    if not package_dir.is_dir():
-        return tree
-    for shrinkwrap in sorted(package_dir.rglob("npm-shrinkwrap.json")):
-        base = shrinkwrap.parent.relative_to(package_dir)
-        if "node_modules" in base.parts:
-            continue  # a dependency's own shrinkwrap; npm ignores those
-        packages = json.loads(shrinkwrap.read_text(encoding="utf-8")).get("packages", {})
+    for project in CODE_SERVER_PROJECTS:
+        actual = package_dir / project / "node_modules" / ".package-lock.json"
+        if not actual.is_file():
+            continue
+        packages = json.loads(actual.read_text(encoding="utf-8")).get("packages", {})
         for path, record in packages.items():
-            if path and "version" in record and "integrity" in record:
-                key = (base / path).as_posix()
-                tree[key] = {"version": record["version"], "integrity": record["integrity"]}
+            if not path or record.get("link") or record.get("inBundle"):
+                continue
+            key = (Path(project) / path).as_posix()
+            tree[key] = {
+                "version": record.get("version", ""),
+                "integrity": record.get("integrity", ""),
+            }
     return dict(sorted(tree.items()))
+
+
+def npm_lockfiles(package_dir: Path) -> dict[str, Any]:
+    """Each project's complete lockfile as npm left it: what a lock replays with npm ci."""
+    found: dict[str, Any] = {}
+    for project, name in CODE_SERVER_PROJECTS.items():
+        lockfile = package_dir / project / "npm-shrinkwrap.json"
+        if lockfile.is_file():
+            found[name] = json.loads(lockfile.read_text(encoding="utf-8"))
+    return found

@@ -216,6 +216,12 @@ def build(
             f"{plan.lock_file.name} has no {spec.architecture} entry; building unlocked "
             f"(add one with: rockpool image lock {spec.path})"
         )
+    differences = plan.tool_differences()
+    if differences:
+        reporter.info(
+            f"this host's image-writing tools differ from those {plan.lock_file.name} was made "
+            f"with ({'; '.join(differences)}): the bytes may differ from the lock's build"
+        )
     return build_plan(plan, store, reporter, force=force, until=until, verify=verify)
 
 

@@ -57,6 +57,7 @@ PACKAGES: dict[str, str] = {
     "curl": "curl",
     "docker-registry": "docker-registry",
     "dpkg": "dpkg",
+    "dpkg-query": "dpkg",  # the versions of the host tools that write image bytes
     "e2fsck": "e2fsprogs",
     "echo": "coreutils",
     "ip": "iproute2",  # the isolation test's stand-in internet, in a network namespace
@@ -71,6 +72,7 @@ PACKAGES: dict[str, str] = {
     "mtype": "mtools",
     "qemu-io": "qemu-utils",
     "setpriv": "util-linux",  # runs the isolation test's checks as an unprivileged user
+    "taskset": "util-linux",  # gives a build one CPU, a host property its bytes must ignore
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
     "umount": "mount",
@@ -135,6 +137,15 @@ FORMAT_PROGRAMS: dict[str, tuple[str, ...]] = {
     "incus": (),
     "incus-container": ("mksquashfs",),
 }
+# The host programs whose own output reaches an image's bytes, by the stage that runs
+# them. Their packages' versions are build inputs: part of each stage's key and of the
+# manifest and the lock (build/plan.py), so a difference between two hosts is named
+# before any byte is compared.
+BYTE_WRITERS: dict[str, tuple[str, ...]] = {
+    "bootstrap": ("mmdebstrap", "apt-get", "dpkg"),
+    "disk": ("mke2fs", "debugfs", "faketime", "mkfs.vfat", "mcopy", "sfdisk"),
+    "formats": ("qemu-img", "mksquashfs"),
+}
 QEMU_SYSTEM = {name: f"qemu-system-{arch.qemu}" for name, arch in ARCHITECTURES.items()}
 CONFIG_DISK = ("mkfs.vfat", "mcopy")
 WORKSPACES = ("qemu-img", *CONFIG_DISK, "nft", "useradd")
@@ -163,6 +174,7 @@ TESTS = (
     "setpriv",
     "ssh",
     "ssh-keygen",
+    "taskset",
     "umount",
 )
 

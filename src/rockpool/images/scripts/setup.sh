@@ -23,6 +23,10 @@
 # download is checked against the locked integrity instead of the registry's:
 #   SETUP_NODE_VERSION, SETUP_NODE_INTEGRITY, SETUP_NPM_VERSION, SETUP_NPM_INTEGRITY,
 #   SETUP_CODE_SERVER_INTEGRITY
+#   SETUP_NPM_LOCKFILES        a directory of complete npm lockfiles, one per npm project
+#                              of code-server (code-server.json, lib-vscode.json,
+#                              lib-vscode-extensions.json): each project is then installed
+#                              with `npm ci` from it, exactly, instead of `npm install`
 # `setup.sh --print-packages` prints the Debian packages it would install, and exits.
 # Registry access through a TLS-intercepting proxy: set SSL_CERT_FILE (and the usual
 # proxy variables) for this run only; nothing of them is written into the system.
@@ -41,6 +45,7 @@ SETUP_NODE_INTEGRITY=${SETUP_NODE_INTEGRITY:-}
 SETUP_NPM_VERSION=${SETUP_NPM_VERSION:-}
 SETUP_NPM_INTEGRITY=${SETUP_NPM_INTEGRITY:-}
 SETUP_CODE_SERVER_INTEGRITY=${SETUP_CODE_SERVER_INTEGRITY:-}
+SETUP_NPM_LOCKFILES=${SETUP_NPM_LOCKFILES:-}
 export DEBIAN_FRONTEND=noninteractive
 
 # What the init contract and this script themselves need, whatever the spec says.
@@ -165,6 +170,32 @@ code_server_version() {
   [ -f "$manifest" ] && command -v node >/dev/null && node -p "require('$manifest').version" || true
 }
 
+# code-server's npm projects, each with its own npm-shrinkwrap.json: the package, then
+# the two its postinstall.sh installs. Their lockfiles in SETUP_NPM_LOCKFILES are named
+# by path (lib/vscode -> lib-vscode.json).
+CODE_SERVER_PROJECTS=". lib/vscode lib/vscode/extensions"
+
+npm_project() { # directory lockfile-name [npm options...]
+  local dir=$1 name=$2
+  shift 2
+  local options=(--omit=dev --no-audit --no-fund --loglevel=warn --registry "$SETUP_NPM_REGISTRY/" "$@")
+  # nodedir makes node-gyp use the headers installed above instead of downloading them.
+  # A fixed cache path: node-gyp writes it into every module's build/config.gypi, so a
+  # random one would make each build's bytes differ. rockpool-seal removes it.
+  export npm_config_nodedir=/usr/local npm_config_cache=/root/.npm \
+    npm_config_update_notifier=false npm_config_fund=false
+  if [ -n "$SETUP_NPM_LOCKFILES" ]; then
+    [ -f "$SETUP_NPM_LOCKFILES/$name.json" ] ||
+      die "SETUP_NPM_LOCKFILES has no $name.json (the lockfile of code-server's $dir)"
+    install -m 0644 "$SETUP_NPM_LOCKFILES/$name.json" "$dir/npm-shrinkwrap.json"
+    (cd "$dir" && npm ci "${options[@]}")
+  else
+    # Resolves what the shipped lockfile leaves open against today's registry, and
+    # writes the complete result back to npm-shrinkwrap.json (rockpool image lock keeps it).
+    (cd "$dir" && npm install "${options[@]}")
+  fi
+}
+
 install_code_server() {
   if [ -z "$WITH_CODE_SERVER" ]; then
     say "code-server: left out (SETUP_CODE_SERVER_VERSION=none)"
@@ -175,19 +206,30 @@ install_code_server() {
     return
   fi
   say "code-server: installing $SETUP_CODE_SERVER_VERSION (compiles native modules; takes minutes)"
-  # The package itself is checked like Node.js; its npm-shrinkwrap.json files pin the
-  # rest of the tree, each package with its integrity, which npm checks.
+  # The package itself is checked like Node.js.
   fetch_verified code-server "\"$SETUP_CODE_SERVER_VERSION\"" "$WORK/code-server.tgz" \
     "$SETUP_CODE_SERVER_INTEGRITY" >/dev/null
-  # nodedir makes node-gyp use the headers installed above instead of downloading them.
-  # A fixed cache path: node-gyp writes it into every module's build/config.gypi, so a
-  # random one would make each build's bytes differ. rockpool-seal removes it.
-  npm_config_nodedir=/usr/local npm_config_cache=/root/.npm \
-    npm_config_update_notifier=false npm_config_fund=false \
-    npm install --global --no-audit --no-fund --loglevel=warn \
-    --registry "$SETUP_NPM_REGISTRY/" \
-    --allow-scripts=code-server,argon2 \
-    "$WORK/code-server.tgz"
+  # Not `npm install -g code-server.tgz`: a global install ignores the package's
+  # npm-shrinkwrap.json, and its postinstall's `npm install` re-resolves what the shipped
+  # lockfiles leave out, so the tree would follow the registry of the day. Each project
+  # is installed in place instead, and its postinstall's links are made here.
+  local dir=/usr/local/lib/node_modules/code-server project
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  tar -xzf "$WORK/code-server.tgz" -C "$dir" --strip-components=1 --no-same-owner
+  for project in $CODE_SERVER_PROJECTS; do
+    local name=${project//\//-}
+    if [ "$project" = . ]; then
+      # Its only install scripts are its own postinstall (the two projects below) and
+      # argon2's, which finds its prebuilt binary.
+      npm_project "$dir" code-server --ignore-scripts
+    else
+      npm_project "$dir/$project" "$name"
+    fi
+  done
+  ln -sfn code-linux.sh "$dir/lib/vscode/bin/remote-cli/code-server"
+  ln -sfn browser-linux.sh "$dir/lib/vscode/bin/helpers/browser.sh"
+  ln -sfn ../lib/node_modules/code-server/out/node/entry.js /usr/local/bin/code-server
   [ "$(code_server_version)" = "$SETUP_CODE_SERVER_VERSION" ] ||
     die "code-server $SETUP_CODE_SERVER_VERSION did not install"
 }
