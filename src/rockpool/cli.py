@@ -390,6 +390,14 @@ def cmd_image_diff(args: argparse.Namespace, reporter: Reporter) -> int:
     return 0
 
 
+def cmd_image_verify(args: argparse.Namespace, reporter: Reporter) -> int:
+    from rockpool.reproduce import render_verification, verify_version
+
+    result = verify_version(Store.default(), args.ref, reporter)
+    _emit(args, result, render_verification(result))
+    return ExitCode.OK if result["identical"] else ExitCode.NOT_REPRODUCED
+
+
 # ---- cache ------------------------------------------------------------------------------
 
 
@@ -627,6 +635,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--bytes", action="store_true", help="also compare the raw disks and name the regions"
     )
     p.set_defaults(handler=cmd_image_diff)
+    p = image.add_parser(
+        "verify",
+        parents=[json_flag],
+        help="rebuild a version from its recorded inputs here; exit 8 if the bytes differ",
+    )
+    p.add_argument("ref", help="NAME:VERSION (or NAME for its latest)")
+    p.set_defaults(handler=cmd_image_verify)
 
     caches = groups.add_parser("cache", help="the stage cache of builds").add_subparsers(
         dest="command", required=True, parser_class=_Parser

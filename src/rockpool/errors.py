@@ -25,6 +25,7 @@ class ExitCode(IntEnum):
     COMMAND_FAILED = 5
     CONFLICT = 6
     DAMAGED = 7
+    NOT_REPRODUCED = 8  # image verify: the rebuild's bytes differ from the stored version's
     HANGUP = 129
     INTERRUPTED = 130
     BROKEN_PIPE = 141

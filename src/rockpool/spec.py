@@ -76,6 +76,27 @@ class ImageSpec:
         data["packages"] = sorted(self.packages)
         return data
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any], *, setup_script: Path) -> ImageSpec:
+        """The spec a manifest recorded (to_json), with setup.sh at setup_script."""
+        try:
+            return cls(
+                **{
+                    **data,
+                    "path": Path(data["path"]),
+                    "setup_script": setup_script,
+                    "extends": tuple(Path(p) for p in data.get("extends", ())),
+                    "formats": tuple(data["formats"]),
+                    "packages": tuple(data["packages"]),
+                }
+            )
+        except (KeyError, TypeError) as exc:
+            raise SpecError(
+                Path(str(data.get("path", "manifest.json"))),
+                "(recorded spec)",
+                f"the manifest's spec is not one this rockpool reads ({exc})",
+            ) from None
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["path"] = str(self.path)

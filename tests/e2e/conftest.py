@@ -58,9 +58,20 @@ class BackgroundBuild:
     in front leave over (they still run about 9 % slower beside it: BENCHMARKS.md).
     """
 
-    def __init__(self, home: Path, spec: Path, work: Path, *extra: str, idle: bool = False) -> None:
+    def __init__(
+        self,
+        home: Path,
+        spec: Path,
+        work: Path,
+        *extra: str,
+        idle: bool = False,
+        wrapper: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        umask: int = -1,
+    ) -> None:
+        """wrapper, env and umask change the host the build sees (one CPU, say)."""
         self.home, self.spec, self.work, self.extra = home, spec, work, extra
-        self.idle = idle
+        self.idle, self.wrapper, self.env, self.umask = idle, wrapper, env or {}, umask
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -71,10 +82,12 @@ class BackgroundBuild:
             self.proc = subprocess.Popen(
                 [
                     *(("nice", "-n", "19") if self.idle else ()),
+                    *self.wrapper,
                     *(sys.executable, "-m", "rockpool", "image", "build", str(self.spec)),
                     *("--json", *self.extra),
                 ],
-                env=rockpool_env(self.home),
+                env={**rockpool_env(self.home), **self.env},
+                umask=self.umask,
                 stdout=out,
                 stderr=err,
             )

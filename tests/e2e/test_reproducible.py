@@ -2,7 +2,9 @@
 
 Two stores stand for two machines' worth of state: store A builds step by step through
 its stage cache, store B builds cold, in the background, at another time and in another
-build directory. Which stages ran is read from each version's manifest ("stages").
+build directory, on a host that differs as far as one machine allows: one CPU instead of
+all, another time zone and umask. Which stages ran is read from each version's manifest
+("stages"). A third store stands for a second operator, who verifies store A's version.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import pytest
 from rockpool.build.cache import CacheEntry, StageCache
 from rockpool.build.preflight import fetch
 from rockpool.diff import diff_versions
-from rockpool.lock import parse_packages_index
+from rockpool.errors import NotFound
+from rockpool.lock import LOCK_SCHEMA, parse_packages_index
 from rockpool.store import Store, Version
 from tests.e2e.conftest import REPO, BackgroundBuild, run_rockpool
 
@@ -56,7 +59,15 @@ def cold_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundBuild
     """Store B's cold build of the small spec, running while store A works."""
     home = tmp_path_factory.mktemp("store-b")
     work = tmp_path_factory.mktemp("store-b-build")
-    background = BackgroundBuild(home, SMALL_SPEC, work, "--no-verify")
+    background = BackgroundBuild(
+        home,
+        SMALL_SPEC,
+        work,
+        "--no-verify",
+        wrapper=("taskset", "--cpu-list", "0"),
+        env={"TZ": "Pacific/Chatham", "LANG": "de_DE.UTF-8"},
+        umask=0o027,
+    )
     background.start()
     yield background
     background.stop()
@@ -96,6 +107,10 @@ def test_adding_a_format_reuses_the_disk_and_cold_builds_are_identical(
     # Store B built every stage itself, from nothing, meanwhile.
     cold = cold_b.result(timeout=BUILD_TIMEOUT)
     assert set(cold.manifest["stages"].values()) == {"built"}
+    # ... on one CPU: make -j, zstd -T0 and the like saw another machine.
+    assert cold.manifest["build_host"]["cpus"] == 1
+    if len(os.sched_getaffinity(0)) > 1:
+        assert both["manifest"]["build_host"]["cpus"] > 1
     assert cold.id == both["version"]
     for name, output in cold.manifest["outputs"].items():
         assert output["sha256"] == both["manifest"]["outputs"][name]["sha256"], name
@@ -240,7 +255,7 @@ def test_a_lock_reuses_the_resolving_build_and_pins_every_version(
     entry["debian"]["packages"][name] = version
     pinned_spec = variant(specs, "pinned", "")
     (specs / "pinned.lock.json").write_text(
-        json.dumps({"schema": 1, "architectures": {"amd64": entry}})
+        json.dumps({"schema": LOCK_SCHEMA, "architectures": {"amd64": entry}})
     )
     cold_b.result(timeout=BUILD_TIMEOUT)  # one build at a time in store B
     pinned = build(cold_b.home, pinned_spec)
@@ -271,6 +286,64 @@ def test_a_locked_version_gone_from_the_mirror_fails_before_the_bootstrap(
     assert "snapshot.debian.org" in result.stderr
     assert "==> bootstrap" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_second_operator_verifies_a_version_as_identical(home_a: Path, tmp_path: Path) -> None:
+    """A version copied into another store, as a second operator receives it, is rebuilt
+    there from the inputs it recorded (no cache, no boot): the same bytes."""
+    version = Store(home_a).resolve("test-small")
+    setup = Path(version.manifest["spec"]["setup_script"])
+    assert (version.path / "inputs" / "setup.sh").read_bytes() == setup.read_bytes()
+    assert version.manifest["build_host"]["tools"]["e2fsprogs"]  # the host's, named
+    home_c = tmp_path / "operator-2"
+    (home_c / "images" / "test-small").mkdir(parents=True, mode=0o700)
+    home_c.chmod(0o700)
+    copied = home_c / "images" / "test-small" / version.id
+    subprocess.run(["cp", "-a", "--sparse=always", version.path, copied], check=True)
+
+    result = run_rockpool(
+        home_c, "image", "verify", f"test-small:{version.id}", "--json", timeout=BUILD_TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["identical"] is True
+    assert report["rebuilt"] == version.id
+    # The small spec has no lock: verify says what that leaves to the archive of the day.
+    assert any("without a lock" in line for line in report["explained"]), report["explained"]
+    assert [p.name for p in (home_c / "images").iterdir()] == ["test-small"]
+    assert [p.name for p in (home_c / "images" / "test-small").iterdir()] == [version.id]
+    assert not list((home_c / "staging").iterdir())  # the rebuild is forgotten
+
+
+def test_verify_names_what_a_rebuild_changed(home_a: Path, specs: Path) -> None:
+    """A setup script that writes random bytes cannot be reproduced: verify exits 8 and
+    names the file, and the regions of the raw disk where bytes differ."""
+    store = Store(home_a)
+    setup = Path(store.resolve("test-small").manifest["spec"]["setup_script"])
+    noisy = specs / "noisy-setup.sh"
+    noisy.write_text(
+        setup.read_text() + "\nhead -c 16 /dev/urandom | od -An -tx1 > /etc/rockpool-noise\n"
+    )
+    built = build(home_a, variant(specs, "noisy", '[provision]\nscript = "noisy-setup.sh"\n'))
+
+    result = run_rockpool(
+        home_a, "image", "verify", built["image"], "--json", timeout=BUILD_TIMEOUT
+    )
+    assert result.returncode == 8, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["identical"] is False
+    changed = report["diff"]["files"]["changed"]
+    assert list(changed) == ["/etc/rockpool-noise"], changed
+    assert set(changed["/etc/rockpool-noise"]) == {"sha256"}
+    assert "root filesystem" in {span["region"] for span in report["diff"]["disk_bytes"]}
+    assert report["diff"]["packages"]["debian"]["changed"] == {}
+    with pytest.raises(NotFound):
+        store.resolve(f"test-small:{report['rebuilt']}")  # only reported, never stored
+
+    text = run_rockpool(home_a, "image", "verify", built["image"], timeout=BUILD_TIMEOUT)
+    assert text.returncode == 8
+    assert "NOT identical" in text.stdout and "/etc/rockpool-noise" in text.stdout
+    assert "Traceback" not in text.stderr
 
 
 def test_cache_prune_empties_the_cache(home_a: Path) -> None:

@@ -37,7 +37,7 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
     {"spec": ("rockpool.spec", "rockpool.lock", "rockpool.host")},
     {"store": ("rockpool.store",)},
     {"build": ("rockpool.build", "rockpool.build.*"), "runtime": ("rockpool.runtime*",)},
-    {"operations": ("rockpool.gc", "rockpool.push", "rockpool.diff")},
+    {"operations": ("rockpool.gc", "rockpool.push", "rockpool.diff", "rockpool.reproduce")},
     {"cli": ("rockpool.cli", "rockpool.__main__")},
 ]
 
