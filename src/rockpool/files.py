@@ -127,6 +127,18 @@ def private_directory(path: Path) -> Path:
     return path
 
 
+def image_directory(path: Path, mode: int = 0o755) -> None:
+    """mkdir -p for a directory of an image: each one made gets mode itself, not mode
+    masked by the builder's umask, which must not reach the image's bytes."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir()
+        directory.chmod(mode)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     write_private(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 

@@ -96,30 +96,52 @@ def require_build_host(spec: ImageSpec, *, verify: bool = True) -> None:
     require_foreign_architecture(spec.architecture)
 
 
+def _linked_libraries(path: str) -> list[str]:
+    """The shared libraries an ELF program loads (none for a script)."""
+    listed = run(["ldd", path], capture=True, check=False)
+    return [
+        words[2]
+        for words in (line.split() for line in listed.stdout.splitlines())
+        if len(words) >= 3 and words[1] == "=>" and words[2].startswith("/")
+    ]
+
+
 def package_versions(programs: Iterable[str]) -> dict[str, str]:
-    """The installed version of each program's Debian package, by package; "absent"
-    for one not installed, and nothing at all on a host without dpkg."""
-    packages = sorted({tools.PACKAGES[program] for program in programs})
+    """The installed version of every Debian package whose code the programs run: their
+    own packages and those of the libraries they load (zlib for qemu-img's deflate, say).
+    Nothing at all on a host without dpkg (macOS, for the Packer path)."""
     if shutil.which("dpkg-query", path=CLEAN_PATH) is None:
         return {}
+    found = [shutil.which(program, path=CLEAN_PATH) for program in programs]
+    paths = sorted({path for path in found if path is not None})
+    files = set(paths)
+    for path in paths:
+        files.update(_linked_libraries(path))
+    # dpkg knows a file by the path its package ships it at: on a merged /usr, either.
+    for file in list(files):
+        files.add(os.path.realpath(file))
+        if file.startswith("/usr/"):
+            files.add(file.removeprefix("/usr"))
+        else:
+            files.add("/usr" + file)
+    owners = run(["dpkg-query", "--search", *sorted(files)], capture=True, check=False)
+    packages = {
+        name.strip().split(":")[0]  # "zlib1g:amd64: /lib/..."
+        for line in owners.stdout.splitlines()
+        if ": /" in line
+        for name in line.split(": /")[0].split(",")
+    }
     listed = run(
-        [
-            "dpkg-query",
-            "--show",
-            "--showformat",
-            "${Package}\t${db:Status-Status}\t${Version}\n",
-            *packages,
-        ],
+        ["dpkg-query", "--show", "--showformat", "${Package}\t${Version}\n", *sorted(packages)],
         capture=True,
         check=False,
     )
-    versions = dict.fromkeys(packages, "absent")
+    versions = {}
     for line in listed.stdout.splitlines():
-        name, status, version = [*line.split("\t"), "", ""][:3]
-        package = name.split(":")[0]  # dpkg-query names a Multi-Arch: same one pkg:arch
-        if package in versions and status == "installed":
-            versions[package] = version
-    return versions
+        name, _, version = line.partition("\t")
+        if version:
+            versions[name.split(":")[0]] = version
+    return dict(sorted(versions.items()))
 
 
 def usable_cpus() -> int:

@@ -18,6 +18,7 @@ from rockpool.arch import ARCHITECTURES
 from rockpool.build.rootfs import write_listing
 from rockpool.command import clean_environment, run
 from rockpool.errors import RockpoolError
+from rockpool.files import image_directory
 
 if TYPE_CHECKING:
     from rockpool.build.context import BuildContext  # stages are called with one
@@ -76,10 +77,11 @@ def write_boot_config(ctx: BuildContext) -> None:
         f"PARTUUID={identity.esp_guid} /boot/efi vfat "
         "umask=0077,noauto,nofail,x-systemd.automount,x-systemd.idle-timeout=60 0 0\n"
     )
-    (ctx.root / "boot/efi").mkdir(parents=True, exist_ok=True)
+    (ctx.root / "etc/fstab").chmod(0o644)  # whatever the builder's umask
+    image_directory(ctx.root / "boot/efi")
     for relative in ESP_SYNC_HOOK_PATHS:
         hook = ctx.root / relative
-        hook.parent.mkdir(parents=True, exist_ok=True)
+        image_directory(hook.parent)
         hook.write_text(ESP_SYNC_HOOK)
         hook.chmod(0o755)
 

@@ -85,7 +85,7 @@ def stage_keys(plan: BuildPlan, epoch: int) -> StageKeys:
         packages=list(plan.bootstrap_packages),
         locked=lock.debian if lock else None,
         source_date_epoch=epoch,
-        tools=plan.stage_tools("bootstrap"),
+        tools=plan.stage_tools.get("bootstrap", {}),
     )
     provision = _key(
         "provision",
@@ -100,7 +100,7 @@ def stage_keys(plan: BuildPlan, epoch: int) -> StageKeys:
         name=spec.name,
         suite=spec.suite,
         size=spec.disk_size,
-        tools=plan.stage_tools("disk"),
+        tools=plan.stage_tools.get("disk", {}),
     )
     layer = setup.node_layer
     node_layer = (
@@ -122,7 +122,7 @@ def stage_keys(plan: BuildPlan, epoch: int) -> StageKeys:
             format=name,
             cpus=spec.cpus,
             memory=spec.memory,
-            tools=plan.stage_tools("formats"),
+            tools=plan.stage_tools.get("formats", {}),
             lz4=lz4.version.version,
         )
         for name in spec.formats

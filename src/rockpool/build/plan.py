@@ -25,11 +25,7 @@ from rockpool.command import clean_environment, run
 from rockpool.errors import InvalidInput
 from rockpool.lock import Lock, check_inputs, lock_path, locked_inputs, read_lock
 from rockpool.spec import ImageSpec
-from rockpool.tools import BYTE_WRITERS, PACKAGES
-
-
-def byte_writers() -> list[str]:
-    return [program for programs in BYTE_WRITERS.values() for program in programs]
+from rockpool.tools import BYTE_WRITERS
 
 
 @dataclass(frozen=True)
@@ -99,8 +95,9 @@ class BuildPlan:
     bootstrap_packages: tuple[str, ...]  # everything the bootstrap installs, in one apt run
     ca_bundle: Path | None
     epoch_override: int | None = None  # SOURCE_DATE_EPOCH from the environment
-    # The Debian versions of the host programs that write image bytes, by package.
-    host_tools: dict[str, str] = dataclasses.field(default_factory=dict)
+    # By stage, the Debian versions of the host packages whose code writes its bytes:
+    # the programs it runs and the libraries they load.
+    stage_tools: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def resolve(
@@ -131,14 +128,16 @@ class BuildPlan:
         if lock is not None:
             check_inputs(lock, locked_inputs(spec, list(packages)))
         bundle = checked_ca_bundle(ca_bundle) if ca_bundle else default_ca_bundle()
-        return cls(
-            spec, lock, setup, packages, bundle, epoch, host.package_versions(byte_writers())
-        )
+        tools = {stage: host.package_versions(programs) for stage, programs in BYTE_WRITERS.items()}
+        return cls(spec, lock, setup, packages, bundle, epoch, tools)
 
-    def stage_tools(self, stage: str) -> dict[str, str]:
-        """The versions of the host packages whose programs write stage's bytes."""
-        wanted = {PACKAGES[program] for program in BYTE_WRITERS.get(stage, ())}
-        return {name: v for name, v in self.host_tools.items() if name in wanted}
+    @property
+    def host_tools(self) -> dict[str, str]:
+        """Every stage's image-writing host packages, by package: what a manifest and a
+        lock record."""
+        return dict(
+            sorted({k: v for tools in self.stage_tools.values() for k, v in tools.items()}.items())
+        )
 
     def tool_differences(self) -> list[str]:
         """How this host's byte-writing tools differ from those the lock was made with."""

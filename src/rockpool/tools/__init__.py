@@ -58,6 +58,7 @@ PACKAGES: dict[str, str] = {
     "docker-registry": "docker-registry",
     "dpkg": "dpkg",
     "dpkg-query": "dpkg",  # the versions of the host tools that write image bytes
+    "ldd": "libc-bin",  # ... and of the libraries they load
     "e2fsck": "e2fsprogs",
     "echo": "coreutils",
     "ip": "iproute2",  # the isolation test's stand-in internet, in a network namespace
