@@ -139,8 +139,8 @@ def image_directory(path: Path, mode: int = 0o755) -> None:
         directory.chmod(mode)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_private(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def write_json_atomic(path: Path, data: Any, *, sort_keys: bool = True) -> None:
+    write_private(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def _mounts_below(path: Path) -> list[str]:

@@ -95,6 +95,11 @@ class Lock:
         )
 
 
+def lockfile_text(lockfile: Any) -> str:
+    """An npm lockfile as npm writes it (JSON.stringify with two spaces, and a newline)."""
+    return json.dumps(lockfile, indent=2) + "\n"
+
+
 def _problem(path: Path, key: str, text: str) -> InvalidInput:
     return InvalidInput(
         f"{path}: {key}: {text}",
@@ -258,7 +263,9 @@ def write_lock(spec: ImageSpec, lock: Lock) -> Path:
         "commit it, and update it with the same command."
     )
     document["architectures"][spec.architecture] = lock.to_json()
-    write_json_atomic(path, document)
+    # Unsorted: an npm lockfile's keys keep npm's order, so that setup.sh's copy of it
+    # (lockfile_text) has the bytes npm wrote in the resolving build.
+    write_json_atomic(path, document, sort_keys=False)
     return path
 
 

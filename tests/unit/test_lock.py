@@ -4,6 +4,7 @@ against a Debian mirror and an npm registry laid out on disk (file:// URLs)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import lzma
@@ -24,6 +25,7 @@ from rockpool.lock import (
     check_inputs,
     lock_path,
     locked_inputs,
+    lockfile_text,
     mismatches,
     parse_packages_index,
     read_lock,
@@ -74,6 +76,25 @@ def test_lock_round_trips_and_keeps_other_architectures(tmp_path: Path) -> None:
     again = read_lock(spec)
     assert again == sample_lock(spec)
     assert json.loads(path.read_text())["architectures"]["arm64"] == {"kept": True}
+
+
+def test_a_lockfile_comes_back_with_the_bytes_npm_wrote(tmp_path: Path) -> None:
+    """setup.sh's copy of a locked npm lockfile must be npm's own file, byte for byte:
+    npm writes JSON.stringify(lockfile, null, 2), keys in its own (unsorted) order."""
+    npm_wrote = (
+        '{\n  "name": "code-oss",\n  "lockfileVersion": 3,\n  "requires": true,\n'
+        '  "packages": {\n    "": {\n      "name": "code-oss"\n    },\n'
+        '    "node_modules/z": {\n      "version": "1.0.0"\n    },\n'
+        '    "node_modules/a": {\n      "version": "2.0.0"\n    }\n  }\n}\n'
+    )
+    spec = load_spec(make_spec(tmp_path))
+    lock = dataclasses.replace(
+        sample_lock(spec), npm_lockfiles={"lib-vscode": json.loads(npm_wrote)}
+    )
+    write_lock(spec, lock)
+    again = read_lock(spec)
+    assert again is not None
+    assert lockfile_text(again.npm_lockfiles["lib-vscode"]) == npm_wrote
 
 
 def test_no_lock_file_means_unlocked(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import rockpool
 from rockpool.build.cache import StageKeys
 from rockpool.build.plan import BuildPlan
 from rockpool.errors import RockpoolError
+from rockpool.lock import Lock, lockfile_text
 from rockpool.spec import spec_digest
 
 PACKAGE_DIR = Path(rockpool.__file__).parent
@@ -73,6 +74,14 @@ def _key(stage: str, **inputs: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def _lockfile_digests(lock: Lock) -> dict[str, str]:
+    """The bytes setup.sh gets of each npm lockfile: their key order matters to them."""
+    return {
+        name: hashlib.sha256(lockfile_text(content).encode()).hexdigest()
+        for name, content in lock.npm_lockfiles.items()
+    }
+
+
 def stage_keys(plan: BuildPlan, epoch: int) -> StageKeys:
     """Each stage's key. Mirrors count only without a lock: a locked build installs the
     same versions from any mirror that has them."""
@@ -92,7 +101,7 @@ def stage_keys(plan: BuildPlan, epoch: int) -> StageKeys:
         after=bootstrap,
         setup_script=setup.sha256,
         variables=setup.variables,
-        locked=[lock.npm, lock.npm_tree, lock.npm_lockfiles] if lock else None,
+        locked=[lock.npm, lock.npm_tree, _lockfile_digests(lock)] if lock else None,
     )
     disk = _key(
         "disk",
@@ -110,7 +119,7 @@ def stage_keys(plan: BuildPlan, epoch: int) -> StageKeys:
             layer="node",
             script=layer.digests(),
             variables=setup.variables,
-            locked=[lock.npm, lock.npm_lockfiles] if lock else None,
+            locked=[lock.npm, _lockfile_digests(lock)] if lock else None,
         )
         if layer is not None
         else None

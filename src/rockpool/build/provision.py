@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from rockpool.build.rootfs import restore, snapshot
 from rockpool.command import PROXY_VARIABLES, contained, run
 from rockpool.errors import InvalidInput
-from rockpool.lock import mismatches
+from rockpool.lock import lockfile_text, mismatches
 from rockpool.spec import ImageSpec
 from rockpool.tools import CLEAN_PATH
 
@@ -106,7 +106,7 @@ def _write_lockfiles(ctx: BuildContext) -> Path | None:
     directory = ctx.work / "npm-lockfiles"
     directory.mkdir(exist_ok=True)
     for name, lockfile in ctx.lock.npm_lockfiles.items():
-        (directory / f"{name}.json").write_text(json.dumps(lockfile, indent=2) + "\n")
+        (directory / f"{name}.json").write_text(lockfile_text(lockfile))
     return directory
 
 
