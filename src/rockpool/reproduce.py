@@ -16,7 +16,7 @@ from typing import Any
 from rockpool import host
 from rockpool.build.keys import all_stage_code, code_files
 from rockpool.build.outputs import INPUTS_DIR, RECORDED_LOCK, RECORDED_SETUP
-from rockpool.build.plan import BuildPlan
+from rockpool.build.plan import BuildPlan, version_changes
 from rockpool.build.runner import build_plan
 from rockpool.diff import diff_versions, render
 from rockpool.errors import NotFound
@@ -41,25 +41,17 @@ def recorded_plan(version: Version) -> BuildPlan:
     return BuildPlan.of(spec, lock, ca_bundle=None, epoch=int(manifest["source_date_epoch"]))
 
 
-def _changed(recorded: dict[str, str], here: dict[str, str]) -> list[str]:
-    return [
-        f"{name}: {recorded.get(name, '(none)')} -> {here.get(name, '(none)')}"
-        for name in sorted(recorded.keys() | here.keys())
-        if recorded.get(name) != here.get(name)
-    ]
-
-
 def explanations(version: Version, plan: BuildPlan) -> list[str]:
     """What differs between the version's build and a rebuild here, before any byte."""
     manifest = version.manifest
     found = []
-    code = _changed(manifest["inputs"].get("code", {}), code_files(all_stage_code()))
+    code = version_changes(manifest["inputs"].get("code", {}), code_files(all_stage_code()))
     if code:
         found.append(
             f"the build code differs (built by rockpool {manifest.get('rockpool_version')}): "
             + "; ".join(code)
         )
-    tools = _changed(manifest.get("build_host", {}).get("tools", {}), plan.host_tools)
+    tools = version_changes(manifest.get("build_host", {}).get("tools", {}), plan.host_tools)
     if tools:
         found.append("the host's image-writing tools differ: " + "; ".join(tools))
     if plan.lock is None:

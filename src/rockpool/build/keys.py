@@ -86,6 +86,7 @@ def stage_keys(plan: BuildPlan, epoch: int) -> StageKeys:
     """Each stage's key. Mirrors count only without a lock: a locked build installs the
     same versions from any mirror that has them."""
     spec, lock, setup = plan.spec, plan.lock, plan.setup
+    lockfiles = _lockfile_digests(lock) if lock else None
     bootstrap = _key(
         "bootstrap",
         architecture=spec.architecture,
@@ -101,7 +102,7 @@ def stage_keys(plan: BuildPlan, epoch: int) -> StageKeys:
         after=bootstrap,
         setup_script=setup.sha256,
         variables=setup.variables,
-        locked=[lock.npm, lock.npm_tree, _lockfile_digests(lock)] if lock else None,
+        locked=[lock.npm, lock.npm_tree, lockfiles] if lock else None,
     )
     disk = _key(
         "disk",
@@ -119,7 +120,7 @@ def stage_keys(plan: BuildPlan, epoch: int) -> StageKeys:
             layer="node",
             script=layer.digests(),
             variables=setup.variables,
-            locked=[lock.npm, _lockfile_digests(lock)] if lock else None,
+            locked=[lock.npm, lockfiles] if lock else None,
         )
         if layer is not None
         else None

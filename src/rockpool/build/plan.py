@@ -60,6 +60,15 @@ class SetupScript:
         return NodeLayerScript.of(self.text)
 
 
+def version_changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """One "name: old -> new" line for each name whose version differs ("(none)": absent)."""
+    return [
+        f"{name}: {before.get(name, '(none)')} -> {after.get(name, '(none)')}"
+        for name in sorted(before.keys() | after.keys())
+        if before.get(name) != after.get(name)
+    ]
+
+
 def default_ca_bundle() -> Path | None:
     """The host's CA bundle, so a build works behind a TLS-intercepting proxy."""
     for candidate in (os.environ.get("SSL_CERT_FILE"), "/etc/ssl/certs/ca-certificates.crt"):
@@ -131,23 +140,18 @@ class BuildPlan:
         tools = {stage: host.package_versions(programs) for stage, programs in BYTE_WRITERS.items()}
         return cls(spec, lock, setup, packages, bundle, epoch, tools)
 
-    @property
+    @functools.cached_property
     def host_tools(self) -> dict[str, str]:
         """Every stage's image-writing host packages, by package: what a manifest and a
         lock record."""
-        return dict(
-            sorted({k: v for tools in self.stage_tools.values() for k, v in tools.items()}.items())
-        )
+        merged = {name: v for tools in self.stage_tools.values() for name, v in tools.items()}
+        return dict(sorted(merged.items()))
 
     def tool_differences(self) -> list[str]:
         """How this host's byte-writing tools differ from those the lock was made with."""
         if self.lock is None or not self.lock.tools:
             return []
-        return [
-            f"{name} {self.lock.tools.get(name, '(none)')} -> {self.host_tools.get(name, '(none)')}"
-            for name in sorted(self.lock.tools.keys() | self.host_tools.keys())
-            if self.lock.tools.get(name) != self.host_tools.get(name)
-        ]
+        return version_changes(self.lock.tools, self.host_tools)
 
     @property
     def lock_file(self) -> Path:
