@@ -170,20 +170,10 @@ code_server_version() {
   [ -f "$manifest" ] && command -v node >/dev/null && node -p "require('$manifest').version" || true
 }
 
-# code-server's npm projects, each with its own npm-shrinkwrap.json: the package, then
-# the two its postinstall.sh installs. Their lockfiles in SETUP_NPM_LOCKFILES are named
-# by path (lib/vscode -> lib-vscode.json).
-CODE_SERVER_PROJECTS=". lib/vscode lib/vscode/extensions"
-
 npm_project() { # directory lockfile-name [npm options...]
   local dir=$1 name=$2
   shift 2
   local options=(--omit=dev --no-audit --no-fund --loglevel=warn --registry "$SETUP_NPM_REGISTRY/" "$@")
-  # nodedir makes node-gyp use the headers installed above instead of downloading them.
-  # A fixed cache path: node-gyp writes it into every module's build/config.gypi, so a
-  # random one would make each build's bytes differ. rockpool-seal removes it.
-  export npm_config_nodedir=/usr/local npm_config_cache=/root/.npm \
-    npm_config_update_notifier=false npm_config_fund=false
   if [ -n "$SETUP_NPM_LOCKFILES" ]; then
     [ -f "$SETUP_NPM_LOCKFILES/$name.json" ] ||
       die "SETUP_NPM_LOCKFILES has no $name.json (the lockfile of code-server's $dir)"
@@ -213,20 +203,22 @@ install_code_server() {
   # npm-shrinkwrap.json, and its postinstall's `npm install` re-resolves what the shipped
   # lockfiles leave out, so the tree would follow the registry of the day. Each project
   # is installed in place instead, and its postinstall's links are made here.
-  local dir=/usr/local/lib/node_modules/code-server project
+  local dir=/usr/local/lib/node_modules/code-server
   rm -rf "$dir"
   mkdir -p "$dir"
   tar -xzf "$WORK/code-server.tgz" -C "$dir" --strip-components=1 --no-same-owner
-  for project in $CODE_SERVER_PROJECTS; do
-    local name=${project//\//-}
-    if [ "$project" = . ]; then
-      # Its only install scripts are its own postinstall (the two projects below) and
-      # argon2's, which finds its prebuilt binary.
-      npm_project "$dir" code-server --ignore-scripts
-    else
-      npm_project "$dir/$project" "$name"
-    fi
-  done
+  # nodedir makes node-gyp use the headers installed above instead of downloading them.
+  # A fixed cache path: node-gyp writes it into every module's build/config.gypi, so a
+  # random one would make each build's bytes differ. rockpool-seal removes it.
+  export npm_config_nodedir=/usr/local npm_config_cache=/root/.npm \
+    npm_config_update_notifier=false npm_config_fund=false
+  # code-server's npm projects, each with its own npm-shrinkwrap.json, and their
+  # lockfiles' names in SETUP_NPM_LOCKFILES. The package's only install scripts are its
+  # own postinstall (the two projects after it) and argon2's, which finds its prebuilt
+  # binary.
+  npm_project "$dir" code-server --ignore-scripts
+  npm_project "$dir/lib/vscode" lib-vscode
+  npm_project "$dir/lib/vscode/extensions" lib-vscode-extensions
   ln -sfn code-linux.sh "$dir/lib/vscode/bin/remote-cli/code-server"
   ln -sfn browser-linux.sh "$dir/lib/vscode/bin/helpers/browser.sh"
   ln -sfn ../lib/node_modules/code-server/out/node/entry.js /usr/local/bin/code-server
