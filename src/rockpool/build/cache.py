@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from rockpool.errors import InvalidInput
-from rockpool.files import fsync_directory, link_tree, move_aside, remove_tree, write_json_atomic
+from rockpool.files import (
+    fsync_directory,
+    link_tree,
+    move_aside,
+    remove_tree,
+    sha256_chunks,
+    write_json_atomic,
+)
 from rockpool.store import Store
 from rockpool.units import parse_size
 
@@ -38,51 +43,6 @@ log = logging.getLogger("rockpool.build.cache")
 ENTRY = "entry.json"
 ENTRY_SCHEMA = 1
 DEFAULT_MAX_BYTES = 40 << 30
-
-
-_BLOCK = 4 << 20
-
-
-def _data_blocks(fd: int, size: int) -> set[int]:
-    """Indexes of the _BLOCK-sized blocks that hold any data (not only holes)."""
-    blocks: set[int] = set()
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole remains
-            break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        blocks.update(range(start // _BLOCK, (end - 1) // _BLOCK + 1))
-        offset = end
-    return blocks
-
-
-@functools.cache
-def _zero_block_digest(length: int) -> bytes:
-    return hashlib.sha256(bytes(length)).digest()
-
-
-def sparse_digest(path: Path) -> str:
-    """A digest of a file's content that reads only its allocated blocks.
-
-    sha256 over the sha256 of each 4 MiB block, where a block without data counts as
-    zeros without being read. Where the filesystem puts holes does not matter, so a
-    20 GB sparse disk costs only its data.
-    """
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    digest.update(f"size {size}\n".encode())
-    with open(path, "rb") as handle:
-        data = _data_blocks(handle.fileno(), size)
-        for index in range((size + _BLOCK - 1) // _BLOCK):
-            length = min(_BLOCK, size - index * _BLOCK)
-            if index in data:
-                handle.seek(index * _BLOCK)
-                digest.update(hashlib.sha256(handle.read(length)).digest())
-            else:
-                digest.update(_zero_block_digest(length))
-    return digest.hexdigest()
 
 
 def allocated_bytes(path: Path) -> int:
@@ -192,7 +152,7 @@ class StageCache:
                 return f"{name} is missing"
             if member.stat().st_size != record["size"]:
                 return f"{name} has {member.stat().st_size} bytes, not {record['size']}"
-            if sparse_digest(member) != record["digest"]:
+            if sha256_chunks(member) != record["digest"]:
                 return f"{name} does not match its digest"
         return None
 
@@ -223,11 +183,13 @@ class StageCache:
         facts: Mapping[str, Any],
         *,
         scratch: Path,
+        known: Mapping[tuple[int, int], str] | None = None,
     ) -> CacheEntry:
         """Store files (hard links; a directory counts as its files) under key.
 
         scratch is a directory on the cache's filesystem (the build's staging directory)
-        where the entry is assembled before its one rename into the cache.
+        where the entry is assembled before its one rename into the cache. known maps
+        (device, inode) to sha256_chunks digests the caller has computed already.
         """
         assembling = scratch / f"cache-{stage}-{uuid.uuid4().hex[:8]}"
         assembling.mkdir()
@@ -235,10 +197,9 @@ class StageCache:
         for name, source in files.items():
             link_tree(source, assembling / name)
             for member_name, member in _member_files(assembling / name, name).items():
-                records[member_name] = {
-                    "size": member.stat().st_size,
-                    "digest": sparse_digest(member),
-                }
+                stat = member.stat()
+                digest = (known or {}).get((stat.st_dev, stat.st_ino)) or sha256_chunks(member)
+                records[member_name] = {"size": stat.st_size, "digest": digest}
         write_json_atomic(
             assembling / ENTRY,
             {

@@ -20,32 +20,42 @@ from rockpool.build.cache import CachePlan
 from rockpool.build.context import BuildContext
 from rockpool.build.keys import all_stage_code, code_files
 from rockpool.build.rootfs import LISTING
-from rockpool.files import copy_private, link_tree, sha256_file
+from rockpool.files import copy_private, link_tree, sha256_chunks, sha256_file
 from rockpool.formats import OutputFormat, output_format
 from rockpool.store import Version, is_plain_file_name
 
 log = logging.getLogger("rockpool.build")
 
 
-def file_digests(path: Path, known: dict[tuple[int, int], str]) -> dict[str, str]:
-    """sha256 of a file, or of each file below a directory, by relative path.
+# Raw disks, 20 GiB of mostly holes: digested by their allocated 4 MiB chunks
+# (files.sha256_chunks), every other file whole.
+DISK_FILES = ("disk.raw", "disk.img")
+DISK_DIGEST = "sha256-4MiB-chunks"
 
-    known maps (device, inode) to digests already computed, so a hard link to the raw
-    disk (Tart's disk.img) is not read again.
-    """
+Digests = dict[tuple[int, int], str]
+
+
+def file_digest(path: Path, known: Digests) -> str:
+    """path's digest; known maps (device, inode) to digests already computed, so a hard
+    link to the raw disk (Tart's disk.img) is not read again."""
+    stat = path.stat()
+    key = (stat.st_dev, stat.st_ino)
+    if key not in known:
+        known[key] = sha256_chunks(path) if path.name in DISK_FILES else sha256_file(path)
+    return known[key]
+
+
+def file_digests(path: Path, known: Digests) -> dict[str, str]:
+    """The digest of a file, or of each file below a directory, by relative path."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    digests = {}
-    for member in files:
-        stat = member.stat()
-        key = (stat.st_dev, stat.st_ino)
-        if key not in known:
-            known[key] = sha256_file(member)
-        digests[member.relative_to(path).as_posix() if member != path else ""] = known[key]
-    return digests
+    return {
+        member.relative_to(path).as_posix() if member != path else "": file_digest(member, known)
+        for member in files
+    }
 
 
-def output_digest(path: Path, known: dict[tuple[int, int], str]) -> str:
-    """sha256 of a file, or of a directory's sorted (path, sha256) listing."""
+def output_digest(path: Path, known: Digests) -> str:
+    """A file's digest, or a sha256 of a directory's sorted (path, digest) listing."""
     digests = file_digests(path, known)
     if path.is_file():
         return digests[""]
@@ -60,62 +70,80 @@ def _allocated(path: Path) -> tuple[int, int]:
     return sum(s.st_size for s in stats), sum(s.st_blocks * 512 for s in stats)
 
 
+def _describe(path: Path, known: Digests) -> dict[str, Any]:
+    """What the manifest records of one output."""
+    size, allocated = _allocated(path)
+    entry: dict[str, Any] = {
+        "file": path.name,
+        "size": size,
+        "allocated": allocated,
+        "sha256": output_digest(path, known),
+    }
+    if path.name in DISK_FILES:
+        entry["digest"] = DISK_DIGEST
+    if path.is_dir():
+        entry["files"] = file_digests(path, known)
+    return entry
+
+
 def write_formats(ctx: BuildContext, backends: Mapping[str, OutputFormat] | None = None) -> None:
-    """Write the spec's formats from ctx.disk; backends replaces the standard backend of a
-    format (the Packer path's "tart" is the VM Tart built, nvram.bin included)."""
+    """Write the spec's formats from ctx.disk, all at once: each writer is a program or
+    threads that leave the GIL (qemu-img compresses on one core, mksquashfs and the
+    tart-oci writer on the rest), so together they use every core. backends replaces
+    the standard backend of a format (the Packer path's "tart" is the VM Tart built,
+    nvram.bin included)."""
     out = ctx.outputs_dir
     out.mkdir()
-    outputs: dict[str, Any] = {}
     plan = ctx.cache_plan
     job = ctx.format_job()
-    # Hash the raw disk on the second core while the formats are written.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        raw_digest = pool.submit(sha256_file, ctx.disk)
-        for name in ctx.spec.formats:
-            key = plan.keys.formats[name] if plan is not None else None
-            if plan and plan.read and key and _link_cached_format(ctx, plan, key, outputs, name):
-                ctx.record(f"formats/{name}", "cached")
-                continue
+    disk = ctx.disk.stat()
+    files: dict[str, str] = {}
+    to_write = []
+    for name in ctx.spec.formats:
+        key = plan.keys.formats[name] if plan is not None else None
+        if plan and plan.read and key and (cached := _link_cached_format(ctx, plan, key)):
+            files[name] = cached
+            ctx.record(f"formats/{name}", "cached")
+        else:
+            to_write.append(name)
+    with ThreadPoolExecutor(max_workers=len(to_write) + 1) as pool:
+        raw_digest = pool.submit(sha256_chunks, ctx.disk)
+
+        def write(name: str) -> str:
             backend = (backends or {}).get(name) or output_format(name)
             log.info("format %s: writing", name)
             written = backend.write(job)
-            outputs[name] = {"file": written.path.name}
-            if plan is not None and key is not None:
+            if plan is not None:
                 plan.cache.put(
                     "formats",
-                    key,
+                    plan.keys.formats[name],
                     {written.path.name: written.path},
                     {"file": written.path.name, "format": name},
                     scratch=ctx.work,
+                    known={(disk.st_dev, disk.st_ino): raw_digest.result()},
                 )
                 ctx.record(f"formats/{name}", "built")
-        disk = ctx.disk.stat()
-        known = {(disk.st_dev, disk.st_ino): raw_digest.result()}
-        for entry in outputs.values():
-            path = out / entry["file"]
-            size, allocated = _allocated(path)
-            entry.update(
-                {"size": size, "allocated": allocated, "sha256": output_digest(path, known)}
-            )
-            if path.is_dir():
-                entry["files"] = file_digests(path, known)
-    ctx.facts["outputs"] = outputs
+            return written.path.name
+
+        writers = {name: pool.submit(write, name) for name in to_write}
+        files.update({name: future.result() for name, future in writers.items()})
+        known: Digests = {(disk.st_dev, disk.st_ino): raw_digest.result()}
+        described = pool.map(lambda name: _describe(out / files[name], known), files)
+        outputs = dict(zip(files, described, strict=True))
+    ctx.facts["outputs"] = {name: outputs[name] for name in ctx.spec.formats}
 
 
-def _link_cached_format(
-    ctx: BuildContext, plan: CachePlan, key: str, outputs: dict[str, Any], name: str
-) -> bool:
-    """Link a format's cached output into the version, if the cache has it."""
+def _link_cached_format(ctx: BuildContext, plan: CachePlan, key: str) -> str | None:
+    """Link a format's cached output into the version, if the cache has it: its name."""
     with plan.cache.locked(exclusive=False):  # no prune between the check and the link
         entry = plan.cache.get("formats", key)
         if entry is None:
-            return False
+            return None
         file_name = str(entry.facts["file"])
         if not is_plain_file_name(file_name):
-            return False
+            return None
         link_tree(entry.file(file_name), ctx.outputs_dir / file_name)
-    outputs[name] = {"file": file_name}
-    return True
+    return file_name
 
 
 def version_id(outputs: Mapping[str, Any]) -> str:

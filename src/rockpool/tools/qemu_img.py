@@ -11,6 +11,7 @@ from rockpool.command import run
 
 _PERCENT = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")  # -p's meter: "    (42.00/100%)"
 QCOW2_CLUSTER_SIZE = 65536
+QCOW2_COMPRESSION = "zstd"
 
 
 def create_overlay(base: Path, base_format: str, overlay: Path, size: int | None = None) -> None:
@@ -46,10 +47,12 @@ def backing_files(disk: Path) -> list[Path]:
 def convert_to_qcow2(
     raw_disk: Path, target: Path, on_progress: Callable[[float], None] | None = None
 ) -> None:
-    """Write raw_disk as a zlib-compressed qcow2 at target; on_progress gets percents.
+    """Write raw_disk as a zstd-compressed qcow2 at target; on_progress gets percents.
 
-    zlib compression: every qemu-img reads it; writes stay in order (no -W), so the same
-    raw disk always gives the same qcow2.
+    zstd compresses 1.6 GB in a fifth of zlib's time, to about the same size; QEMU and
+    qemu-img 5.1 and later read it (docs/cli.md names the runtimes). Writes stay in
+    order (no -W: with it, clusters land in the order their compression finishes), so
+    the same raw disk always gives the same qcow2.
     """
 
     def progress(line: str) -> None:
@@ -68,7 +71,7 @@ def convert_to_qcow2(
             "-O",
             "qcow2",
             "-o",
-            f"cluster_size={QCOW2_CLUSTER_SIZE}",
+            f"cluster_size={QCOW2_CLUSTER_SIZE},compression_type={QCOW2_COMPRESSION}",
             raw_disk,
             target,
         ],
