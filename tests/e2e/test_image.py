@@ -73,6 +73,15 @@ def test_manifest_records_inputs_versions_and_outputs(
     assert json.loads(inspected.stdout)["version"] == built_image.id
 
 
+def test_the_build_made_one_initramfs(built_image: Version) -> None:
+    """The kernel's postinst and the initramfs-tools trigger leave it to setup.sh, which
+    makes it once, with its hook in: minutes each under emulation (the arm64 build)."""
+    log = (built_image.path / "build.log").read_text(errors="replace")
+    assert "stage bootstrap: done" in log and "stage provision: done" in log  # both ran
+    made = re.findall(r"update-initramfs: Generating (\S+)", log)
+    assert len(made) == 1, made
+
+
 def test_unchanged_inputs_rebuild_nothing(built_image: Version, store_home: Path) -> None:
     result = run_rockpool(store_home, "image", "build", str(DEFAULT_SPEC), "--no-lock", "--json")
     assert result.returncode == 0, result.stderr
@@ -192,6 +201,13 @@ def test_boot_serves_code_server_at_the_workspace_path(
         )
         assert "MISSING" not in found, found
         assert "v24." in guest.ssh("node --version")
+        # What the build did already (ld.so cache, hwdb, sysusers...) no first boot redoes.
+        needs_update = guest.ssh(
+            "systemctl show -p ConditionResult --value ldconfig systemd-update-done "
+            "systemd-sysusers systemd-hwdb-update systemd-journal-catalog-update"
+        )
+        assert needs_update.split() == ["no"] * 5, needs_update
+        assert "libc.so.6" in guest.ssh("/sbin/ldconfig -p")
         assert guest.ssh("hostname").strip() == "alice"
         # DHCP identifies the guest by its MAC (how Tart finds a guest's address).
         leases = guest.ssh("sudo cat /run/systemd/netif/leases/*")

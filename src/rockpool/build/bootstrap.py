@@ -108,7 +108,9 @@ def bootstrap(ctx: BuildContext) -> None:
         f"deb {spec.mirror} {spec.suite}-updates main",
         f"deb {spec.security_mirror} {spec.suite}-security main",
     ]
-    env = clean_environment({"SOURCE_DATE_EPOCH": str(ctx.source_date_epoch)})
+    # INITRD=No: the kernel's postinst makes no initramfs (nor, with none to update,
+    # does the initramfs-tools trigger); setup.sh makes it once, with its own hook in.
+    env = clean_environment({"SOURCE_DATE_EPOCH": str(ctx.source_date_epoch), "INITRD": "No"})
     progress = AptDownloadProgress(ctx)
     try:
         run(contained(argv), env=env, on_line=progress)

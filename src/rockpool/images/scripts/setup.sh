@@ -329,9 +329,15 @@ if systemd-detect-virt --container --quiet; then
   fi
   MOUNT=$CARRIER
 else
-  # Wait for this one device only: a full `udevadm settle` costs seconds at every boot.
-  # The wait is long because udev's coldplug can take 20 s under emulation.
-  if ! udevadm wait --timeout=45 "$DEVICE" 2>/dev/null && [ ! -e "$DEVICE" ]; then
+  # The kernel has probed its disks before userspace starts, while udev's coldplug makes
+  # the by-label link seconds later under emulation: read the labels from the disks
+  # themselves first (blkid without its cache), and wait for udev only for a disk that
+  # comes late. The wait is for this one device, not a full `udevadm settle`, and long,
+  # as coldplug can take 20 s under emulation.
+  found=$(blkid -c /dev/null -o device -t "LABEL=$LABEL" 2>/dev/null | head -n 1) || true
+  if [ -n "$found" ]; then
+    DEVICE=$found
+  elif ! udevadm wait --timeout=45 "$DEVICE" 2>/dev/null && [ ! -e "$DEVICE" ]; then
     rm -f "$keys"  # keys come from the config disk of this boot, or there are none
     fail "no config disk with label $LABEL is attached, so ROCKPOOL_WORKSPACE_NAME is unset; code-server will not start (attach one: see docs/init-contract.md)"
   fi
@@ -610,11 +616,21 @@ HOOK
   for module in vfat nls_cp437 nls_ascii nls_utf8; do
     grep -qx "$module" /etc/initramfs-tools/modules 2>/dev/null || echo "$module" >>/etc/initramfs-tools/modules
   done
+  # One initramfs per kernel, made once. A build root's bootstrap leaves making it to
+  # this step (INITRD=No): the kernel's postinst, the initramfs-tools trigger and this
+  # hook would make it three times, minutes each under emulation. A live VM has one
+  # already and remakes it only when the hook changed.
+  local kernel version inputs_changed=""
   # shellcheck disable=SC2086
-  if [ "$(cat $initramfs_inputs | md5sum)" != "$initramfs_before" ] &&
-    ls /boot/vmlinuz-* >/dev/null 2>&1; then
-    update-initramfs -u -k all
-  fi
+  [ "$(cat $initramfs_inputs | md5sum)" != "$initramfs_before" ] && inputs_changed=yes
+  for kernel in /boot/vmlinuz-*; do
+    version=${kernel#/boot/vmlinuz-}
+    if [ ! -e "/boot/initrd.img-$version" ]; then
+      update-initramfs -c -k "$version"
+    elif [ -n "$inputs_changed" ]; then
+      update-initramfs -u -k "$version"
+    fi
+  done
 
   write_file /usr/local/sbin/rockpool-seal 0755 <<'SEAL'
 #!/bin/bash
@@ -628,13 +644,22 @@ rm -f /var/lib/dbus/machine-id /var/lib/systemd/random-seed /var/lib/systemd/cre
 echo localhost >/etc/hostname
 apt-get clean
 rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/debconf/*-old /var/lib/dpkg/*-old
-# ldconfig's aux-cache records inode numbers and times of the build's files.
-rm -f /var/cache/ldconfig/aux-cache
 rm -rf /root/.npm /root/.cache /root/.node-gyp /root/.bash_history /home/*/.npm /home/*/.cache
 rm -rf /root/.config/code-server /root/.local/share/code-server
 rm -rf /tmp/* /var/tmp/*
 rm -rf /var/log/journal/*
 find /var/log -type f -exec truncate -s 0 {} +
+# What every first boot would otherwise do, the same on every machine: the ld.so cache,
+# udev's hwdb, the journal's catalog. Then /etc/.updated and /var/.updated, as
+# systemd-update-done writes them, so that no ConditionNeedsUpdate= unit (ldconfig,
+# systemd-hwdb-update, systemd-journal-catalog-update, systemd-sysusers,
+# systemd-update-done) runs at boot.
+ldconfig
+rm -f /var/cache/ldconfig/aux-cache  # inode numbers and times of this build's files
+command -v systemd-hwdb >/dev/null && systemd-hwdb update
+command -v journalctl >/dev/null && journalctl --update-catalog
+systemd-sysusers
+/usr/lib/systemd/systemd-update-done
 SEAL
 }
 
