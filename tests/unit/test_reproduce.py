@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from rockpool import host
+from rockpool.build.disk import UPDATED_MARKERS, clamp_mtimes, mark_updated
 from rockpool.build.keys import all_stage_code, code_files
 from rockpool.build.outputs import INPUTS_DIR, RECORDED_LOCK, RECORDED_SETUP
 from rockpool.build.plan import BuildPlan
@@ -34,6 +35,31 @@ def test_image_directories_ignore_the_builders_umask(tmp_path: Path) -> None:
         os.umask(old)
     for made in ("etc", "etc/initramfs", "etc/initramfs/post-update.d"):
         assert (tmp_path / made).stat().st_mode & 0o777 == 0o755, made
+
+
+def test_the_root_is_marked_up_to_date_with_usr_as_the_disk_holds_it(tmp_path: Path) -> None:
+    """systemd skips its ConditionNeedsUpdate= units only when /etc/.updated and
+    /var/.updated hold /usr's mtime; the disk holds /usr at the clamped time."""
+    epoch = 1_700_000_000
+    for directory in ("usr", "etc", "var"):
+        (tmp_path / directory).mkdir()
+    os.utime(tmp_path / "usr", (epoch + 500, epoch + 500))  # touched after the epoch
+    mark_updated(tmp_path, epoch)
+    clamp_mtimes(tmp_path, epoch)
+    usr_ns = (tmp_path / "usr").stat().st_mtime_ns
+    assert usr_ns == epoch * 1_000_000_000
+    for relative in UPDATED_MARKERS:
+        marker = tmp_path / relative
+        assert f"TIMESTAMP_NSEC={usr_ns}\n" in marker.read_text()
+        assert marker.stat().st_mtime_ns == usr_ns
+        assert marker.stat().st_mode & 0o777 == 0o644
+
+    os.utime(tmp_path / "usr", (epoch - 500, epoch - 500))  # older than the epoch
+    mark_updated(tmp_path, epoch)
+    assert (
+        f"TIMESTAMP_NSEC={(epoch - 500) * 1_000_000_000}\n"
+        in (tmp_path / "etc" / ".updated").read_text()
+    )
 
 
 def test_the_image_writing_tools_are_named_with_their_libraries() -> None:

@@ -138,7 +138,28 @@ def build_esp(ctx: BuildContext, esp: Path) -> None:
 def prepare_root(ctx: BuildContext) -> None:
     """The root as the disk holds it: its boot configuration, no time after the epoch."""
     write_boot_config(ctx)
+    mark_updated(ctx.root, ctx.source_date_epoch)
     clamp_mtimes(ctx.root, ctx.source_date_epoch)
+
+
+UPDATED_MARKERS = ("etc/.updated", "var/.updated")
+
+
+def mark_updated(root: Path, epoch: int) -> None:
+    """/etc and /var are up to date with /usr, as systemd-update-done records it: no
+    ConditionNeedsUpdate= unit (ldconfig, hwdb, sysusers, the journal's catalog) then
+    runs at first boot, rockpool-seal having done their work. Written here, not in the
+    root, because the record holds /usr's mtime, which is the epoch only once clamped."""
+    mtime_ns = min((root / "usr").stat().st_mtime_ns, epoch * 1_000_000_000)
+    for relative in UPDATED_MARKERS:
+        marker = root / relative
+        marker.write_text(
+            "# This file was created by rockpool, as systemd-update-done would. It holds\n"
+            "# the time this directory was updated: see man:systemd-update-done.service(8).\n"
+            f"TIMESTAMP_NSEC={mtime_ns}\n"
+        )
+        marker.chmod(0o644)
+        os.utime(marker, ns=(mtime_ns, mtime_ns))
 
 
 def assemble_disk(ctx: BuildContext) -> None:
