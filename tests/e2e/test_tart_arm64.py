@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from rockpool.arch import host_architecture
 from rockpool.formats import tart_oci
 from rockpool.store import Store, Version
 from tests.e2e.caddy import check_behind_caddy
@@ -78,6 +79,14 @@ def test_arm64_manifest_and_tart_bundle(arm64_image: Version) -> None:
         env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"},
     ).stdout
     assert "BOOTAA64.EFI" in listing.upper()
+    if has_code_server(arm64_image) and host_architecture() == "amd64":
+        # Compiled by the cross gcc, which the build names. The image has the package of
+        # that name too, as the arm64 root's own g++ (Debian's native g++-14 depends on
+        # it), but never the cross build of it.
+        cross = manifest["build_host"]["cross_compiler"]
+        assert cross["g++-14-aarch64-linux-gnu"].endswith("cross1"), cross
+        native = manifest["packages"]["debian"].get("g++-14-aarch64-linux-gnu", "")
+        assert "cross" not in native, native
 
 
 def test_tart_oci_layers_decode_to_the_disk(arm64_image: Version) -> None:
@@ -227,6 +236,21 @@ def test_arm64_code_server_at_the_workspace_path(
         guest.wait_healthz(ARM64_CODE_SERVER_DEADLINE)
         guest.wait_ssh()
         assert "v24." in guest.ssh("node --version")
+        # The native modules, compiled on an x86_64 host by its cross gcc, load in the
+        # arm64 guest; node-gyp's Makefiles and objects, which name that gcc, are gone.
+        vscode = "/usr/local/lib/node_modules/code-server/lib/vscode"
+        loaded = guest.ssh(
+            f"cd {vscode} && node -e \"for (const m of ['@vscode/sqlite3', '@vscode/spdlog',"
+            " '@vscode/native-watchdog', 'node-pty']) { require(m); console.log('ok', m) }\"",
+            timeout=300,
+        )
+        assert loaded.count("ok ") == 4, loaded
+        leftovers = guest.ssh(
+            f"find {vscode}/node_modules -path '*/build/Release/obj.target' "
+            f"-o -path '*/build/Makefile' | head -3; ls -d /usr/lib/x86_64-linux-gnu "
+            "/usr/aarch64-linux-gnu /usr/lib64 /run/rockpool-xtc 2>/dev/null || true"
+        )
+        assert not leftovers.strip(), leftovers
         guest.start_guest_app(5173)
         status, body = guest.http_get("/absproxy/5173/hello")
         assert status == 200 and body.decode() == "/workspace/dave/absproxy/5173/hello"

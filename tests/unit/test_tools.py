@@ -24,6 +24,8 @@ WRAPPERS = {"run", "spawn", "background", "contained"}
 SUBPROCESS = {"run", "Popen", "check_output", "check_call"}
 # Shell words in the runner scripts that are builtins or keywords, not programs.
 SHELL_BUILTINS = {"set", "[", "test", "cd", "exec", "echo", "printf", "export", "true"}
+SHELL_BUILTINS |= {"local", "return", "exit", "trap", "if", "then", "fi", "for", "do", "done"}
+SHELL_BUILTINS |= {"{", "}"}
 
 
 def _first_program(node: ast.expr, lists: dict[str, ast.expr]) -> str | None:
@@ -75,11 +77,16 @@ def shell_programs(script: str) -> set[str]:
     for line in script.splitlines():
         for command in re.split(r"&&|\|\||;|\|", line.split("#", 1)[0]):
             tokens = command.split()
-            while tokens and re.fullmatch(r"[A-Za-z_]+=\S*", tokens[0]):
+            if tokens and re.match(r"[A-Za-z_]+\+?=\(", tokens[0]):
+                continue  # an array assignment: no command
+            while tokens and re.fullmatch(r"[A-Za-z_]+\+?=\S*", tokens[0]):
                 tokens.pop(0)  # variable assignments before the command
-            if tokens:
+            if tokens and not re.fullmatch(r"[A-Za-z_]+\(\)", tokens[0]):  # a function's name
                 words.add(tokens[0])
-    return {word for word in words - SHELL_BUILTINS if not word.startswith(("$", '"'))}
+    functions = set(re.findall(r"^\s*([A-Za-z_]+)\(\)", script, re.MULTILINE))
+    return {
+        word for word in words - SHELL_BUILTINS - functions if not word.startswith(("$", '"'))
+    }
 
 
 def test_every_program_the_code_runs_is_listed_with_its_package() -> None:

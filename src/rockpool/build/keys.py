@@ -19,6 +19,7 @@ import lz4.version
 
 import rockpool
 from rockpool.build.cache import StageKeys
+from rockpool.build.cross import cross_recipe
 from rockpool.build.plan import BuildPlan
 from rockpool.errors import RockpoolError
 from rockpool.lock import Lock, lockfile_text
@@ -27,7 +28,7 @@ from rockpool.spec import spec_digest
 PACKAGE_DIR = Path(rockpool.__file__).parent
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "bootstrap": ("build/bootstrap.py",),
-    "provision": ("build/provision.py",),
+    "provision": ("build/provision.py", "build/cross.py"),
     "disk": ("build/disk.py", "build/rootfs.py", "build/context.py", "arch.py"),
     "formats": ("formats/*.py", "tools/qemu_img.py", "tools/tart.py"),
 }
@@ -103,6 +104,7 @@ def stage_keys(plan: BuildPlan, epoch: int) -> StageKeys:
         setup_script=setup.sha256,
         variables=setup.variables,
         locked=[lock.npm, lock.npm_tree, lockfiles] if lock else None,
+        compiler=cross_recipe(spec.architecture),
     )
     disk = _key(
         "disk",
@@ -121,6 +123,7 @@ def stage_keys(plan: BuildPlan, epoch: int) -> StageKeys:
             script=layer.digests(),
             variables=setup.variables,
             locked=[lock.npm, lockfiles] if lock else None,
+            compiler=cross_recipe(spec.architecture),
         )
         if layer is not None
         else None

@@ -211,7 +211,12 @@ def manifest(ctx: BuildContext, started: float) -> dict[str, Any]:
             "locked": ctx.lock is not None,
             "code": code_files(all_stage_code()),
         },
-        "build_host": {**host.build_host_facts(), "tools": ctx.plan.host_tools},
+        "build_host": {
+            **host.build_host_facts(),
+            "tools": ctx.plan.host_tools,
+            # The packages of the native cross compiler of this build's modules, if any.
+            **({"cross_compiler": cross} if (cross := ctx.facts.get("cross_compiler")) else {}),
+        },
         "stage_seconds": ctx.stage_seconds,
         "build_seconds": round(time.monotonic() - started, 1),
     }

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rockpool.build.cross import MOUNT_POINT, CrossToolchain, unpack_cross_toolchain
 from rockpool.build.rootfs import restore, snapshot
 from rockpool.command import PROXY_VARIABLES, contained, run
 from rockpool.errors import InvalidInput
@@ -37,7 +38,7 @@ BUILD_RUN = "/run/rockpool-build"
 # never an argument, so never in a log or in another user's `ps`.
 CHROOT_RUNNER = r"""
 set -euo pipefail
-root=$1 setup=$2 ca=$3 lockfiles=$4
+root=$1 setup=$2 ca=$3 lockfiles=$4 cross=$5 triplet=$6
 mount -t proc proc "$root/proc"
 mount -t sysfs sysfs "$root/sys"
 mount --rbind /dev "$root/dev"
@@ -49,7 +50,41 @@ install -m 0755 "$setup" "$root$BUILD_RUN/setup.sh"
 # DNS for the build only; setup.sh points resolv.conf at systemd-resolved for the image.
 rm -f "$root/etc/resolv.conf"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+links=()
+unlink_cross() {
+  [ -n "$cross" ] || return 0
+  local link
+  for link in "${links[@]}"; do rm -f "$root$link"; done
+  rmdir "$root/usr/lib64" 2>/dev/null || true
+  links=()
+}
+if [ -n "$cross" ]; then
+  # The cross compiler (build/cross.py), read-only below the root's private /run. Its
+  # programs need the x86_64 loader and libraries at their usual paths, and the cross
+  # libc's linker scripts name /usr/$triplet: links for the build only, none of them a
+  # path the root has (a root that has one is refused), all removed before the seal.
+  mkdir -p "$root$CROSS_MOUNT"
+  mount --bind -o ro "$cross" "$root$CROSS_MOUNT"
+  for path in /usr/lib/x86_64-linux-gnu /usr/lib64 "/usr/$triplet"; do
+    if [ -e "$root$path" ] || [ -L "$root$path" ]; then
+      echo "the root already has $path: cannot mount the cross compiler" >&2
+      exit 1
+    fi
+  done
+  trap unlink_cross EXIT
+  mkdir "$root/usr/lib64"
+  ln -s "$CROSS_MOUNT/usr/lib/x86_64-linux-gnu" "$root/usr/lib/x86_64-linux-gnu"
+  ln -s "$CROSS_MOUNT/usr/lib64/ld-linux-x86-64.so.2" "$root/usr/lib64/ld-linux-x86-64.so.2"
+  ln -s "$CROSS_MOUNT/usr/$triplet" "$root/usr/$triplet"
+  links=(/usr/lib/x86_64-linux-gnu /usr/lib64/ld-linux-x86-64.so.2 "/usr/$triplet")
+  # /lib64 as base-files makes it (usr/lib64), or its upgrades refuse the root.
+  if [ ! -e "$root/lib64" ] && [ ! -L "$root/lib64" ]; then
+    ln -s usr/lib64 "$root/lib64"
+    links+=(/lib64)
+  fi
+fi
 chroot "$root" /bin/bash "$BUILD_RUN/setup.sh"
+unlink_cross
 chroot "$root" /usr/bin/env -i "PATH=$CHROOT_PATH" /usr/local/sbin/rockpool-seal
 """
 
@@ -110,8 +145,11 @@ def _write_lockfiles(ctx: BuildContext) -> Path | None:
     return directory
 
 
-def provision_argv(ctx: BuildContext) -> list[str | Path]:
-    runner = f"BUILD_RUN={BUILD_RUN}\nCHROOT_PATH={CLEAN_PATH}\n" + CHROOT_RUNNER
+def provision_argv(ctx: BuildContext, cross: CrossToolchain | None = None) -> list[str | Path]:
+    runner = (
+        f"BUILD_RUN={BUILD_RUN}\nCHROOT_PATH={CLEAN_PATH}\nCROSS_MOUNT={MOUNT_POINT}\n"
+        + CHROOT_RUNNER
+    )
     lockfiles = _write_lockfiles(ctx)
     return [
         "bash",
@@ -122,6 +160,8 @@ def provision_argv(ctx: BuildContext) -> list[str | Path]:
         ctx.plan.setup.path,
         str(ctx.ca_bundle or ""),
         str(lockfiles or ""),
+        str(cross.tree) if cross is not None else "",
+        cross.triplet if cross is not None else "",
     ]
 
 
@@ -168,7 +208,7 @@ def provision_with_node_layer(ctx: BuildContext) -> None:
         entry = plan.cache.get("node", key) if plan.read and key else None
         if entry is not None:
             restore(entry.file(NODE_LAYER_TARBALL), ctx.root)
-    provision(ctx)
+    provision(ctx, compiles=entry is None)
     if key is None:
         return
     ctx.record("provision/node", "cached" if entry else "built")
@@ -181,8 +221,17 @@ def provision_with_node_layer(ctx: BuildContext) -> None:
             tarball.unlink()
 
 
-def provision(ctx: BuildContext) -> None:
-    run(contained(provision_argv(ctx)), env=setup_environment(ctx), on_line=ctx.reporter.status)
+def provision(ctx: BuildContext, compiles: bool = True) -> None:
+    """setup.sh and the seal in the root. Only code-server's native modules compile: no
+    cross compiler is unpacked for an image without code-server, nor when the node
+    layer is in place already (compiles=False)."""
+    compiles = compiles and ctx.spec.code_server_version is not None
+    cross = unpack_cross_toolchain(ctx) if compiles else None
+    env = setup_environment(ctx)
+    if cross is not None:
+        env.update(cross.environment())
+        ctx.facts["cross_compiler"] = cross.versions
+    run(contained(provision_argv(ctx, cross)), env=env, on_line=ctx.reporter.status)
     ctx.facts["packages"] = installed_versions(ctx.root)
     if ctx.lock is not None:
         differences = mismatches(ctx.lock, ctx.facts["packages"])

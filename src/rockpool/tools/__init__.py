@@ -28,6 +28,8 @@ PACKAGES: dict[str, str] = {
     "install": "coreutils",
     "mkdir": "coreutils",
     "rm": "coreutils",
+    "rmdir": "coreutils",
+    "ln": "coreutils",
     "debugfs": "e2fsprogs",
     "dumpe2fs": "e2fsprogs",
     "mke2fs": "e2fsprogs",

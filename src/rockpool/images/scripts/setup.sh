@@ -219,6 +219,15 @@ install_code_server() {
   npm_project "$dir" code-server --ignore-scripts
   npm_project "$dir/lib/vscode" lib-vscode
   npm_project "$dir/lib/vscode/extensions" lib-vscode-extensions
+  # What node-gyp leaves beside each compiled module: its Makefiles and object files,
+  # which name the compiler's path (a builder's CC, say a cross compiler's). Only the
+  # .node files and config.gypi are used at run time.
+  local build
+  find "$dir" -type f -path '*/node_modules/*/build/config.gypi' -printf '%h\n' |
+    while IFS= read -r build; do
+      rm -rf "$build/Release/.deps" "$build/Release/obj.target" "$build/Release/obj" \
+        "$build/Makefile" "$build"/*.mk
+    done
   ln -sfn code-linux.sh "$dir/lib/vscode/bin/remote-cli/code-server"
   ln -sfn browser-linux.sh "$dir/lib/vscode/bin/helpers/browser.sh"
   ln -sfn ../lib/node_modules/code-server/out/node/entry.js /usr/local/bin/code-server
