@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rockpool.arch import host_architecture
+from rockpool.build.bootstrap import snapshot_options
 from rockpool.command import clean_environment, contained, run
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ def unpack_cross_toolchain(ctx: BuildContext) -> CrossToolchain | None:
                 f"--architectures={host_architecture()}",
                 f"--include={','.join(packages)}",
                 "--skip=cleanup/apt/cache",  # the .deb names tell the versions
+                *snapshot_options(spec),
                 spec.suite,
                 tree,
                 f"deb {spec.mirror} {spec.suite} main",
