@@ -297,11 +297,12 @@ def test_build_with_a_stale_lock_stops_before_any_work(tmp_path: Path) -> None:
     assert not (tmp_path / "store" / "images").exists()
 
 
-def test_the_committed_default_lock_matches_the_default_spec() -> None:
-    spec = load_spec(REPO / "images" / "workspace.toml")
-    assert lock_path(spec) == (REPO / "images" / "workspace.lock.json").resolve()
+@pytest.mark.parametrize("name", ["workspace", "workspace-arm64"])
+def test_the_committed_locks_match_their_specs(name: str) -> None:
+    spec = load_spec(REPO / "images" / f"{name}.toml")
+    assert lock_path(spec) == (REPO / "images" / f"{name}.lock.json").resolve()
     lock = read_lock(spec)
-    assert lock is not None, f"no {spec.architecture} entry in images/workspace.lock.json"
+    assert lock is not None, f"no {spec.architecture} entry in images/{name}.lock.json"
     check_inputs(lock, BuildPlan.resolve(spec, use_lock=False).lock_inputs)
     assert set(lock.inputs["packages"]) <= set(lock.debian)
     assert lock.npm["code-server"]["version"] == spec.code_server_version

@@ -27,7 +27,7 @@ def test_the_checkout_images_are_the_packaged_ones() -> None:
     assert (REPO / "images").is_symlink()
     assert (REPO / "images" / "workspace.toml").resolve() == PACKAGED_SPECS / "workspace.toml"
     assert spec.packaged_spec_names() == ["workspace-arm64.toml", "workspace.toml"]
-    for name in ("workspace.lock.json", "scripts/setup.sh"):
+    for name in ("workspace.lock.json", "workspace-arm64.lock.json", "scripts/setup.sh"):
         assert (PACKAGED_SPECS / name).is_file(), name
 
 
