@@ -69,7 +69,9 @@ def template_env(template: dict[str, Any]) -> dict[str, str]:
 
 
 def mmdebstrap_setup_env(spec: ImageSpec, tmp_path: Path) -> dict[str, str]:
-    ctx = quiet_context(spec, tmp_path)
+    """setup.sh's settings in an mmdebstrap build resolved as the Packer path resolves
+    (build/packer.py: no lock; a lock's SETUP_* pins are the mmdebstrap path's only)."""
+    ctx = quiet_context(spec, tmp_path, use_lock=False)
     return {k: v for k, v in setup_environment(ctx).items() if k.startswith("SETUP_")}
 
 

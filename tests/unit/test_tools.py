@@ -84,9 +84,7 @@ def shell_programs(script: str) -> set[str]:
             if tokens and not re.fullmatch(r"[A-Za-z_]+\(\)", tokens[0]):  # a function's name
                 words.add(tokens[0])
     functions = set(re.findall(r"^\s*([A-Za-z_]+)\(\)", script, re.MULTILINE))
-    return {
-        word for word in words - SHELL_BUILTINS - functions if not word.startswith(("$", '"'))
-    }
+    return {word for word in words - SHELL_BUILTINS - functions if not word.startswith(("$", '"'))}
 
 
 def test_every_program_the_code_runs_is_listed_with_its_package() -> None:
