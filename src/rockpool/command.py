@@ -117,8 +117,10 @@ def run(
     check: bool = True,
     timeout: float | None = None,
     umask: int = 0o022,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run argv to completion; returns stdout when capture is set.
+    """Run argv to completion; returns stdout when capture is set. pass_fds stay open
+    in the command.
 
     umask 0o077 makes what the command creates private to the store's owner (config
     disks, overlays); the default leaves image content as packages and setup.sh mean it.
@@ -151,6 +153,7 @@ def run(
             cwd=cwd,
             env=dict(env) if env is not None else clean_environment(),
             preexec_fn=_child_setup(umask),
+            pass_fds=pass_fds,
         )
     except FileNotFoundError as exc:
         raise _missing(args[0]) from exc

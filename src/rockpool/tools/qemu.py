@@ -14,9 +14,11 @@ import itertools
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from rockpool import tools
 from rockpool.arch import ARCHITECTURES
 from rockpool.command import background, run
 from rockpool.errors import CommandFailed, Conflict, MissingTool, RockpoolError
-from rockpool.files import copy_private
+from rockpool.files import copy_private, open_private, sha256_file
 from rockpool.tools import kvm, qmp
 from rockpool.tools.kvm import Firmware
 
@@ -206,8 +208,15 @@ class QemuVM(QemuProcess):
         self.accelerator: kvm.Verdict | None = None
         self._attach: contextlib.ExitStack | None = None
 
-    def argv(self, verdict: kvm.Verdict) -> list[str]:
+    def argv(self, verdict: kvm.Verdict, fdsets: Mapping[Path, int] | None = None) -> list[str]:
+        """QEMU's command line. fdsets: files QEMU opens as /dev/fdset/N, N the value,
+        from descriptors it was given (_open_fdsets)."""
         c = self.config
+        fdsets = fdsets or {}
+
+        def file(path: Path) -> str:
+            return f"/dev/fdset/{fdsets[path]}" if path in fdsets else option_value(path)
+
         if len(str(self.qmp_socket).encode()) > SOCKET_PATH_LIMIT:
             raise Conflict(
                 f"the QMP socket path {self.qmp_socket} is longer than a unix socket allows",
@@ -239,9 +248,9 @@ class QemuVM(QemuProcess):
             "-drive",
             f"if=pflash,format=raw,unit=0,readonly=on,file={option_value(firmware.code)}",
             "-drive",
-            f"if=pflash,format=raw,unit=1,file={option_value(nvram)}",
+            f"if=pflash,format=raw,unit=1,file={file(nvram)}",
             "-drive",
-            f"if=none,id=root,format={c.disk_format},discard=unmap,file={option_value(c.disk)}",
+            f"if=none,id=root,format={c.disk_format},discard=unmap,file={file(c.disk)}",
             "-netdev",
             netdev,
             *self._devices(),
@@ -310,16 +319,125 @@ class QemuVM(QemuProcess):
         self.accelerator = verdict
         return verdict
 
-    def _launch(self, verdict: kvm.Verdict) -> None:
+    def resume(self, state: Path, verdict: kvm.Verdict, timeout: float) -> None:
+        """Start QEMU from a state save_state wrote, with the accelerator it was saved
+        under, and return once the guest runs again. CommandFailed if QEMU cannot load
+        it; QEMU is gone then."""
+        tools.require([tools.QEMU_SYSTEM[self.config.arch]], "running a VM")
+        self.qmp_socket.parent.mkdir(parents=True, exist_ok=True)
+        self._launch(verdict, incoming=True)
+        try:
+            with open(state, "rb") as handle:
+                self.qmp("migrate-incoming", fd=handle.fileno(), uri=f"fd:{qmp.PASSED_FD}")
+                self._wait_migration(timeout, "loading the saved state")
+            # The state was saved paused, and the guest stays paused until told to run.
+            while (status := qmp.run_state(self.qmp_socket)) == "inmigrate":
+                time.sleep(0.05)  # poll interval: QEMU leaves inmigrate a moment later
+            if status != "running":
+                self.qmp("cont")
+            self.accelerator = verdict
+        except (CommandFailed, qmp.QmpUnavailable) as exc:
+            self.kill()
+            reason = exc.stderr_tail if isinstance(exc, CommandFailed) else str(exc)
+            raise CommandFailed(["(qemu) migrate-incoming", str(state)], 1, reason) from None
+
+    def save_state(self, target: Path, timeout: float) -> None:
+        """Pause the guest and write its RAM and device state to target, a new 0600
+        file (it holds the guest's memory). QEMU stays, paused, for the caller to quit;
+        CommandFailed if the migration fails, the guest paused still."""
+        self.qmp("stop")
+        with open_private(target, "wb") as handle:
+            self.qmp("migrate", fd=handle.fileno(), uri=f"fd:{qmp.PASSED_FD}")
+            self._wait_migration(timeout, "saving the state")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _wait_migration(self, timeout: float, doing: str) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                raise CommandFailed(
+                    ["(qemu) migrate"],
+                    1,
+                    f"QEMU exited while {doing}: " + _tail(self.run_dir / "qemu.log", 5),
+                )
+            info = qmp.execute(self.qmp_socket, "query-migrate") or {}
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise CommandFailed(
+                    ["(qemu) migrate"], 1, f"{doing} {status}: {info.get('error-desc', '')}"
+                )
+            if time.monotonic() > deadline:
+                with contextlib.suppress(qmp.QmpUnavailable):
+                    self.qmp("migrate_cancel")
+                raise CommandFailed(["(qemu) migrate"], -1, f"{doing} took over {timeout:.0f}s")
+            time.sleep(0.1)  # poll interval: QEMU reports progress only when asked
+
+    def fingerprint(self, verdict: kvm.Verdict) -> dict[str, Any]:
+        """What a saved state depends on: QEMU's binary and firmware, and the machine its
+        command line makes. Host ports, the QMP socket and the user QEMU runs as are left
+        out: they are no part of the guest."""
+        argv = self.argv(verdict)
+        machine: list[str] = []
+        pairs = iter(argv[1:])
+        for flag in pairs:
+            value = next(pairs, "")
+            if flag in ("-run-with", "-runas"):
+                continue
+            if flag == "-netdev":
+                value = value.split(",hostfwd=", 1)[0]
+            elif flag == "-chardev" and value.startswith("socket,id=qmp,"):
+                value = "socket,id=qmp"
+            machine += [flag, value]
+        binary = shutil.which(argv[0]) or argv[0]
+        return {
+            "qemu": {"path": binary, "sha256": sha256_file(binary)},
+            "firmware_sha256": sha256_file(find_firmware(self.config.arch).code),
+            "machine": machine,
+        }
+
+    def _open_fdsets(
+        self, files: contextlib.ExitStack
+    ) -> tuple[dict[Path, int], list[str], list[int]]:
+        """The writable disks as descriptor sets, one open for writing and one for
+        reading each: a QEMU that dropped root cannot open them again itself, and saving
+        a state reopens them read-only (block inactivation)."""
+        fdsets: dict[Path, int] = {}
+        args: list[str] = []
+        fds: list[int] = []
+        for number, path in enumerate((self.config.disk, self.config.run_dir / "nvram.fd"), 1):
+            fdsets[path] = number
+            for mode, access in (("rw", os.O_RDWR), ("ro", os.O_RDONLY)):
+                fd = os.open(path, access)
+                files.callback(os.close, fd)
+                fds.append(fd)
+                args += ["-add-fd", f"fd={fd},set={number},opaque={mode}"]
+        return fdsets, args, fds
+
+    def _launch(self, verdict: kvm.Verdict, *, incoming: bool = False) -> None:
         self.qmp_socket.unlink(missing_ok=True)
         self.pidfile.unlink(missing_ok=True)
         self.console_log.unlink(missing_ok=True)
         self.started_at = time.monotonic()
-        argv = [*self.argv(verdict), "-pidfile", str(self.pidfile)]
         if self._attach is None:
-            # -daemonize returns once QEMU is set up, with its errors on our stderr.
-            run([*argv, "-daemonize"], timeout=120, umask=0o077)
+            with contextlib.ExitStack() as files:
+                fdsets: dict[Path, int] = {}
+                fd_args: list[str] = []
+                passed: list[int] = []
+                if self.config.run_as is not None:
+                    self.argv(verdict)  # makes the NVRAM the fdset opens
+                    fdsets, fd_args, passed = self._open_fdsets(files)
+                argv = [*self.argv(verdict, fdsets), *fd_args, "-pidfile", str(self.pidfile)]
+                if incoming:
+                    argv += ["-incoming", "defer"]  # the state comes through QMP, as an fd
+                # -daemonize returns once QEMU is set up, with its errors on our stderr.
+                run([*argv, "-daemonize"], timeout=120, umask=0o077, pass_fds=passed)
             return
+        argv = [*self.argv(verdict), "-pidfile", str(self.pidfile)]
+        if incoming:
+            argv += ["-incoming", "defer"]
         output = self.run_dir / "qemu.log"
         proc = self._attach.enter_context(background(argv, log_path=output))
         deadline = time.monotonic() + 120
@@ -385,8 +503,8 @@ class QemuVM(QemuProcess):
             hint=f"see the guest console: {self.console_log}",
         )
 
-    def qmp(self, command: str) -> None:
-        qmp.execute(self.qmp_socket, command)
+    def qmp(self, command: str, *, fd: int | None = None, **arguments: Any) -> None:
+        qmp.execute(self.qmp_socket, command, fd=fd, **arguments)
 
     def monitor(self, command_line: str) -> str:
         """A human-monitor command (hostfwd_add has no QMP form); returns its output."""

@@ -23,19 +23,33 @@ class QmpUnavailable(Exception):
     """The socket does not answer: no QEMU behind it, or one that does not respond."""
 
 
-async def _execute(socket: Path, command: str, arguments: dict[str, Any], timeout: float) -> Any:
+async def _execute(
+    socket: Path, command: str, arguments: dict[str, Any], timeout: float, fd: int | None
+) -> Any:
     client = QMPClient("rockpool")
     try:
         await asyncio.wait_for(client.connect(str(socket)), timeout)
+        if fd is not None:
+            # The monitor keeps a passed descriptor by name for the command that follows.
+            client.send_fd_scm(fd)
+            await asyncio.wait_for(client.execute("getfd", {"fdname": PASSED_FD}), timeout)
         return await asyncio.wait_for(client.execute(command, arguments or None), timeout)
     finally:
         await client.disconnect()
 
 
-def execute(socket: Path, command: str, timeout: float = TIMEOUT, **arguments: Any) -> Any:
-    """The return value of one QMP command; QmpUnavailable when QEMU does not answer."""
+PASSED_FD = "rockpool-fd"  # the name a passed descriptor has in QEMU: uri "fd:rockpool-fd"
+
+
+def execute(
+    socket: Path, command: str, timeout: float = TIMEOUT, *, fd: int | None = None, **arguments: Any
+) -> Any:
+    """The return value of one QMP command; QmpUnavailable when QEMU does not answer.
+
+    With fd, the descriptor is passed to QEMU first (SCM_RIGHTS), as PASSED_FD: QEMU may
+    run as a user that cannot open the file itself."""
     try:
-        return asyncio.run(_execute(socket, command, arguments, timeout))
+        return asyncio.run(_execute(socket, command, arguments, timeout, fd))
     except (TimeoutError, OSError, EOFError, ConnectionError) as exc:
         raise QmpUnavailable(f"{socket}: {type(exc).__name__}: {exc}") from None
     except Exception as exc:  # qemu.qmp's ConnectError, ExecuteError, StateError...
