@@ -320,7 +320,7 @@ def cmd_workspace(args: argparse.Namespace, reporter: Reporter) -> int:
             workspace = runtime.start(args.name, env, keys)
     elif verb == "stop":
         with reporter.stage(f"stopping {args.name}"):
-            workspace = runtime.stop(args.name, timeout=args.timeout)
+            workspace = runtime.stop(args.name, timeout=args.timeout, suspend=args.suspend)
     elif verb == "clone":
         workspace = runtime.clone(args.source, args.name)
     else:
@@ -691,6 +691,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument(
         "--timeout", type=_seconds, default=90.0, help="seconds before a hard stop (default 90)"
+    )
+    p.add_argument(
+        "--suspend",
+        action="store_true",
+        help="save the running guest's state instead; the next start resumes it (QEMU)",
     )
     p = spaces.add_parser("status", parents=[json_flag], help="state and endpoint")
     p.add_argument("name")

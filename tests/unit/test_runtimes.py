@@ -72,7 +72,7 @@ class FakeRuntime(Runtime):
     ) -> Workspace:
         raise NotImplementedError
 
-    def stop(self, name: str, timeout: float = 90.0) -> Workspace:
+    def stop(self, name: str, timeout: float = 90.0, suspend: bool = False) -> Workspace:
         raise NotImplementedError
 
     def status(self, name: str) -> Workspace:

@@ -39,7 +39,8 @@ class State(StrEnum):
 
     STOPPED = "stopped"
     RUNNING = "running"
-    PAUSED = "paused"  # the VM exists but its guest does not run (paused, suspended)
+    PAUSED = "paused"  # the VM exists but its guest does not run (paused)
+    SUSPENDED = "suspended"  # no VM; its saved state is resumed by the next start
     FAILED = "failed"  # the VM exists but its guest stopped for good (details: reason)
 
 
@@ -198,7 +199,15 @@ class Runtime(ABC):
     ) -> Workspace: ...
 
     @abstractmethod
-    def stop(self, name: str, timeout: float = 90.0) -> Workspace: ...
+    def stop(self, name: str, timeout: float = 90.0, suspend: bool = False) -> Workspace:
+        """Power the workspace off, or with suspend save its running guest's state for
+        the next start to resume (runtimes that cannot refuse it: _no_suspend)."""
+
+    def _no_suspend(self, why: str) -> InvalidInput:
+        return InvalidInput(
+            f"the {self.name} runtime does not suspend workspaces: {why}",
+            hint="stop it without --suspend; see docs/workspaces.md, 'Suspend and resume'",
+        )
 
     @abstractmethod
     def status(self, name: str) -> Workspace: ...
@@ -421,10 +430,23 @@ def write_config_disk(
     record's, so a clone (new id) makes its own SSH host keys and machine-id. Keys given
     once are kept in DIRECTORY/authorized_keys and reused by later starts that give none.
     """
+    variables, keys, given_keys = boot_values(directory, name, instance_id, env, authorized_keys)
+    config_disk = make_config_disk(directory / CONFIG_DISK, variables, keys)
+    if given_keys is not None:
+        write_private(directory / AUTHORIZED_KEYS, given_keys)
+    return config_disk
+
+
+def boot_values(
+    directory: Path,
+    name: str,
+    instance_id: str,
+    env: Mapping[str, str] | None,
+    authorized_keys: str | None,
+) -> tuple[dict[str, str], str | None, str | None]:
+    """What one start gives the guest: the variables and the keys it gets (those given,
+    else those kept from an earlier start), and the keys given."""
     variables, given_keys = start_values(name, instance_id, env, authorized_keys)
     keys_file = directory / AUTHORIZED_KEYS
     keys = given_keys or (keys_file.read_text() if keys_file.is_file() else None)
-    config_disk = make_config_disk(directory / CONFIG_DISK, variables, keys)
-    if given_keys is not None:
-        write_private(keys_file, given_keys)
-    return config_disk
+    return variables, keys, given_keys

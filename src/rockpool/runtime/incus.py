@@ -472,7 +472,9 @@ class IncusRuntime(Runtime):
             if device.startswith(PORT_DEVICE) and device not in wanted:
                 self.incus.run("config", "device", "remove", self.incus.ref(name), device)
 
-    def stop(self, name: str, timeout: float = 90.0) -> Workspace:
+    def stop(self, name: str, timeout: float = 90.0, suspend: bool = False) -> Workspace:
+        if suspend:
+            raise self._no_suspend("rockpool does not drive `incus stop --stateful` yet")
         check_timeout(timeout)
         with self._locked(name):
             instance = self._instance(name)

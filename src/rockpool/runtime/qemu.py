@@ -32,6 +32,7 @@ from rockpool.files import copy_private, move_aside, remove_tree, write_json_ato
 from rockpool.names import check_slug, is_mac
 from rockpool.rundir import run_directory
 from rockpool.runtime import network
+from rockpool.runtime import suspend as suspend_state
 from rockpool.runtime.base import (
     RECORD,
     Endpoint,
@@ -40,6 +41,7 @@ from rockpool.runtime.base import (
     Runtime,
     State,
     Workspace,
+    boot_values,
     check_timeout,
     locked_workspace,
     read_record,
@@ -50,6 +52,7 @@ from rockpool.runtime.base import (
     write_config_disk,
 )
 from rockpool.store import Store, Version
+from rockpool.tools import kvm, qmp
 from rockpool.tools.qemu import QemuProcess, QemuVM, VMConfig, VMState, random_mac
 from rockpool.tools.qemu_img import backing_files, create_overlay
 
@@ -59,6 +62,8 @@ DISK = "disk.qcow2"
 NEW_TOP = "disk.qcow2.new"  # a clone's next top layer for the source, until it switches
 GUEST_PORTS = ("8080", "22")
 DYNAMIC_PORTS_LIMIT = 64
+RESUME_TIMEOUT = 300.0  # loading a saved state: about 3 s for 4 GiB of guest RAM under TCG
+SUSPEND_TIMEOUT = 300.0  # saving one, at least
 START_ATTEMPTS = 3  # a forward's port taken between the pick and QEMU's bind: pick again
 UNREADABLE_HINT = (
     "check them with: qemu-img info --backing-chain STORE/workspaces/NAME/disk.qcow2; "
@@ -165,6 +170,8 @@ class QemuRuntime(Runtime):
 
     def _workspace(self, name: str, record: dict[str, Any], vm_state: VMState) -> Workspace:
         state = State(vm_state.state)
+        if state is State.STOPPED and suspend_state.is_suspended(self._dir(name)):
+            state = State.SUSPENDED
         endpoint = None
         forwards = record.get("forwards", {})
         if state is State.RUNNING and "8080" in forwards:
@@ -191,6 +198,7 @@ class QemuRuntime(Runtime):
                 "reason": vm_state.reason,
                 "console_log": str(process.console_log),
                 "accelerator": record.get("accelerator"),
+                "last_start": record.get("last_start"),
             },
         )
 
@@ -254,17 +262,64 @@ class QemuRuntime(Runtime):
             record = self._record(name)
             vm = self._vm(name, record)
             current = vm.state()
-            if current.state in ("running", "paused"):
+            if current.state == "paused" and suspend_state.interrupted(directory):
+                log.info("a suspend of %s was interrupted; its paused VM goes", name)
+                vm.kill()
+            elif current.state in ("running", "paused"):
                 log.info("workspace %s is %s already", name, current.state)
                 return self._workspace(name, record, current)
             if current.state == "failed":
                 log.info("workspace %s had failed (%s); starting it again", name, current.reason)
                 vm.kill()
+            variables, keys, _ = boot_values(
+                directory, name, record["instance_id"], env, authorized_keys
+            )
+            boot = suspend_state.boot_inputs(variables, keys)
             isolation = network.isolate()
             record["network"] = "isolated" if isolation else "open"
+            fallback = None
+            if suspend_state.is_suspended(directory):
+                resumed, fallback = self._resume(name, directory, record, isolation, boot)
+                if resumed is not None:
+                    return self._workspace(name, record, resumed.state())
+            suspend_state.discard(directory)  # stale, or left by an interrupted suspend
             write_config_disk(directory, name, record["instance_id"], env, authorized_keys)
+            record["boot_inputs"] = boot
+            record["last_start"] = {"resumed": False, "reason": fallback}
             vm = self._launch(name, directory, record, isolation)
             return self._workspace(name, record, vm.state())
+
+    def _disks(self, directory: Path) -> dict[str, Path]:
+        """The files a saved state's guest has open, besides its RAM."""
+        return {name: directory / name for name in (DISK, "nvram.fd", "config.img")}
+
+    def _resume(
+        self,
+        name: str,
+        directory: Path,
+        record: dict[str, Any],
+        isolation: network.Isolation | None,
+        boot: str,
+    ) -> tuple[QemuVM | None, str | None]:
+        """Resume NAME from its saved state: the running VM, or None and why the start
+        boots cold instead. The state goes either way: it is used once."""
+        verdict = kvm.choose(record["architecture"])
+        machine = self._vm(name, record).fingerprint(verdict)
+        reason = suspend_state.stale_reason(directory, machine, self._disks(directory), boot)
+        if reason is None:
+            state = suspend_state.directory(directory) / suspend_state.STATE
+            try:
+                vm = self._launch(name, directory, record, isolation, resume=(state, verdict))
+            except CommandFailed as exc:
+                reason = f"QEMU could not resume the saved state: {exc.stderr_tail.strip()[-300:]}"
+            else:
+                suspend_state.discard(directory)
+                record["last_start"] = {"resumed": True, "reason": None}
+                write_json_atomic(directory / RECORD, record)
+                log.info("resumed %s from its saved state", name)
+                return vm, None
+        log.warning("%s boots cold: %s", name, reason)
+        return None, reason
 
     def _launch(
         self,
@@ -272,6 +327,7 @@ class QemuRuntime(Runtime):
         directory: Path,
         record: dict[str, Any],
         isolation: network.Isolation | None,
+        resume: tuple[Path, kvm.Verdict] | None = None,
     ) -> QemuVM:
         """Start QEMU with a forward for each guest port; a port another process took
         between the pick and QEMU's bind is picked again."""
@@ -287,7 +343,11 @@ class QemuRuntime(Runtime):
             write_json_atomic(directory / RECORD, record)
             vm = self._vm(name, record, isolation)
             try:
-                verdict = vm.start()
+                if resume is None:
+                    verdict = vm.start()
+                else:
+                    state, verdict = resume
+                    vm.resume(state, verdict, RESUME_TIMEOUT)
             except CommandFailed as exc:
                 if "host forwarding" not in exc.stderr_tail or attempt == START_ATTEMPTS:
                     raise
@@ -300,15 +360,48 @@ class QemuRuntime(Runtime):
             return vm
         raise AssertionError("unreachable")
 
-    def stop(self, name: str, timeout: float = 90.0) -> Workspace:
+    def stop(self, name: str, timeout: float = 90.0, suspend: bool = False) -> Workspace:
         check_timeout(timeout)
-        with self._locked(name):
+        with self._locked(name) as directory:
             record = self._record(name)
             vm = self._vm(name, record)
-            if vm.alive():
+            if suspend and vm.state().state == "running":
+                self._suspend(name, directory, record, vm, timeout)
+            elif vm.alive():
                 graceful = vm.stop(timeout)
                 log.info("stopped %s (%s)", name, "ACPI power-off" if graceful else "killed")
+            if not suspend:
+                suspend_state.discard(directory)  # powered off: a saved state is stale
             return self._workspace(name, record, vm.state())
+
+    def _suspend(
+        self, name: str, directory: Path, record: dict[str, Any], vm: QemuVM, timeout: float
+    ) -> None:
+        """Save the running guest's state and quit its QEMU. If saving fails, the guest
+        carries on running and nothing is kept."""
+        suspend_state.discard(directory)
+        partial = suspend_state.partial(directory)
+        running_on = record.get("accelerator") or {}
+        if "name" in running_on:
+            verdict = kvm.Verdict(running_on["name"], str(running_on.get("reason", "")))
+        else:
+            verdict = kvm.choose(record["architecture"])
+        machine = vm.fingerprint(verdict)
+        try:
+            vm.save_state(partial, max(timeout, SUSPEND_TIMEOUT))
+        except (CommandFailed, qmp.QmpUnavailable):
+            suspend_state.discard(directory)
+            with contextlib.suppress(qmp.QmpUnavailable):
+                vm.qmp("cont")
+            raise
+        with contextlib.suppress(qmp.QmpUnavailable):  # QEMU may exit before it answers
+            vm.qmp("quit")
+        if not vm.wait_exit(30):
+            vm.kill()
+        state = suspend_state.commit(
+            directory, machine, self._disks(directory), record.get("boot_inputs"), record["image"]
+        )
+        log.info("suspended %s: %d MiB of state", name, state.stat().st_size >> 20)
 
     # ---- dynamic ports ------------------------------------------------------------------
 
@@ -413,6 +506,10 @@ class QemuRuntime(Runtime):
                     copy_private(source_dir / "authorized_keys", directory / "authorized_keys")
                 os.replace(new_top, disk)
                 layer.chmod(0o444)
+                if suspend_state.is_suspended(source_dir):
+                    # Its disk reads the same through the new top layer: the saved
+                    # state still fits it. The clone gets the disk only.
+                    suspend_state.refresh_disk(source_dir, DISK, disk)
         return self._workspace(new_name, clone_record, VMState("stopped"))
 
     def remove(self, name: str, force: bool = False) -> None:

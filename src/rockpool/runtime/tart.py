@@ -399,7 +399,7 @@ class TartRuntime(Runtime):
             f"tart ip to find it; retry: rockpool workspace status {name}",
         )
 
-    def stop(self, name: str, timeout: float = 90.0) -> Workspace:
+    def stop(self, name: str, timeout: float = 90.0, suspend: bool = False) -> Workspace:
         """Shut the guest down cleanly, then make sure.
 
         `tart stop` alone pulls the plug (SIGINT makes `tart run` call the Virtualization
@@ -407,6 +407,8 @@ class TartRuntime(Runtime):
         power button, as Tart does on SIGUSR2 (requestStop()); `tart stop` only if the
         guest is still up after timeout.
         """
+        if suspend:
+            raise self._no_suspend("Tart saves the state of macOS guests only")
         with locked_workspace(self.root, name):
             record = read_record(self.root, name)
             if tart_cli.is_running(tart_cli.local_vms().get(name)):
