@@ -51,7 +51,7 @@ def interrupted(workspace: Path) -> bool:
 
 
 def discard(workspace: Path) -> None:
-    remove_tree(directory(workspace) if directory(workspace).exists() else None)
+    remove_tree(directory(workspace))
 
 
 def file_identity(path: Path) -> dict[str, int] | None:

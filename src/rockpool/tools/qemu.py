@@ -223,9 +223,7 @@ class QemuVM(QemuProcess):
                 hint="set XDG_RUNTIME_DIR to a short private directory",
             )
         firmware = find_firmware(c.arch)
-        nvram = c.run_dir / "nvram.fd"
-        if not nvram.exists():
-            copy_private(firmware.vars_template, nvram)  # a fresh NVRAM, as Tart/Incus
+        nvram = self._nvram(firmware)
         forwards = ",".join(
             f"hostfwd=tcp:127.0.0.1:{hport}-:{gport}" for gport, hport in sorted(c.forwards.items())
         )
@@ -272,6 +270,12 @@ class QemuVM(QemuProcess):
             ]
         return argv
 
+    def _nvram(self, firmware: Firmware) -> Path:
+        nvram = self.config.run_dir / "nvram.fd"
+        if not nvram.exists():
+            copy_private(firmware.vars_template, nvram)  # a fresh NVRAM, as Tart/Incus
+        return nvram
+
     def _devices(self) -> list[str]:
         """The root disk, the NIC, the RNG and the config disk, as the layout places them."""
         c = self.config
@@ -303,9 +307,7 @@ class QemuVM(QemuProcess):
         rockpool's child instead, is stopped when attach closes, and dies with rockpool
         even by kill -9 (a build's verifying boot)."""
         self._attach = attach
-        tools.require([tools.QEMU_SYSTEM[self.config.arch]], "running a VM")
-        self.config.run_dir.mkdir(parents=True, exist_ok=True)
-        self.qmp_socket.parent.mkdir(parents=True, exist_ok=True)
+        self._prepare()
         verdict = kvm.choose(self.config.arch)
         if verdict.kvm:
             failure = self._launch_kvm(verdict)
@@ -319,12 +321,16 @@ class QemuVM(QemuProcess):
         self.accelerator = verdict
         return verdict
 
+    def _prepare(self) -> None:
+        tools.require([tools.QEMU_SYSTEM[self.config.arch]], "running a VM")
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        self.qmp_socket.parent.mkdir(parents=True, exist_ok=True)
+
     def resume(self, state: Path, verdict: kvm.Verdict, timeout: float) -> None:
         """Start QEMU from a state save_state wrote, with the accelerator it was saved
         under, and return once the guest runs again. CommandFailed if QEMU cannot load
         it; QEMU is gone then."""
-        tools.require([tools.QEMU_SYSTEM[self.config.arch]], "running a VM")
-        self.qmp_socket.parent.mkdir(parents=True, exist_ok=True)
+        self._prepare()
         self._launch(verdict, incoming=True)
         try:
             with open(state, "rb") as handle:
@@ -407,7 +413,8 @@ class QemuVM(QemuProcess):
         fdsets: dict[Path, int] = {}
         args: list[str] = []
         fds: list[int] = []
-        for number, path in enumerate((self.config.disk, self.config.run_dir / "nvram.fd"), 1):
+        nvram = self._nvram(find_firmware(self.config.arch))
+        for number, path in enumerate((self.config.disk, nvram), 1):
             fdsets[path] = number
             for mode, access in (("rw", os.O_RDWR), ("ro", os.O_RDONLY)):
                 fd = os.open(path, access)
@@ -421,23 +428,19 @@ class QemuVM(QemuProcess):
         self.pidfile.unlink(missing_ok=True)
         self.console_log.unlink(missing_ok=True)
         self.started_at = time.monotonic()
-        if self._attach is None:
-            with contextlib.ExitStack() as files:
-                fdsets: dict[Path, int] = {}
-                fd_args: list[str] = []
-                passed: list[int] = []
-                if self.config.run_as is not None:
-                    self.argv(verdict)  # makes the NVRAM the fdset opens
-                    fdsets, fd_args, passed = self._open_fdsets(files)
-                argv = [*self.argv(verdict, fdsets), *fd_args, "-pidfile", str(self.pidfile)]
-                if incoming:
-                    argv += ["-incoming", "defer"]  # the state comes through QMP, as an fd
+        with contextlib.ExitStack() as files:
+            fdsets: dict[Path, int] = {}
+            fd_args: list[str] = []
+            passed: list[int] = []
+            if self._attach is None and self.config.run_as is not None:
+                fdsets, fd_args, passed = self._open_fdsets(files)
+            argv = [*self.argv(verdict, fdsets), *fd_args, "-pidfile", str(self.pidfile)]
+            if incoming:
+                argv += ["-incoming", "defer"]  # the state comes through QMP, as an fd
+            if self._attach is None:
                 # -daemonize returns once QEMU is set up, with its errors on our stderr.
                 run([*argv, "-daemonize"], timeout=120, umask=0o077, pass_fds=passed)
-            return
-        argv = [*self.argv(verdict), "-pidfile", str(self.pidfile)]
-        if incoming:
-            argv += ["-incoming", "defer"]
+                return
         output = self.run_dir / "qemu.log"
         proc = self._attach.enter_context(background(argv, log_path=output))
         deadline = time.monotonic() + 120
