@@ -20,6 +20,7 @@ from rockpool import host, tools
 from rockpool import runtime as runtimes
 from rockpool.config_disk import make_config_disk
 from rockpool.errors import (
+    FREE_SPACE_HINT,
     ExitCode,
     Interrupted,
     InvalidInput,
@@ -808,7 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         full = RockpoolError(
             f"no space left on the device{f' writing {exc.filename}' if exc.filename else ''}; "
             "what was under way was cleaned up",
-            hint="free space: rockpool image gc; rockpool cache prune --max-size 10G",
+            hint=FREE_SPACE_HINT,
         )
         full.exit_code = ExitCode.COMMAND_FAILED
         return _fail(full, wants_json)

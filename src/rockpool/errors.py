@@ -9,6 +9,11 @@ from enum import IntEnum
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
 
 
+# What a user can do when the store's disk fills up during any verb.
+FREE_SPACE_HINT = "free space: rockpool image gc; rockpool cache prune --max-size 10G"
+_DISK_FULL = re.compile(r"No space left on device|Disk quota exceeded")
+
+
 def redact(text: str) -> str:
     """text with the user:password@ of every URL in it masked, for logs and errors."""
     return _URL_USERINFO.sub(r"\1***@", text)
@@ -84,6 +89,10 @@ class CommandFailed(RockpoolError):
             lines = redact(stderr_tail).rstrip().splitlines()
             indented = "\n".join("    " + line for line in lines)
             message += f"\n  last output:\n{indented}"
+        if _DISK_FULL.search(stderr_tail):
+            # A full disk shows up as a wall of unrelated-looking failures from the tool.
+            message += "\n  the disk is full"
+            log_hint = "; ".join(part for part in (FREE_SPACE_HINT, log_hint) if part)
         super().__init__(message, hint=log_hint or None)
         self.argv = argv
         self.returncode = returncode

@@ -19,6 +19,18 @@ def test_failure_carries_the_stderr_tail() -> None:
     assert error.exit_code == 5
 
 
+def test_a_full_disk_is_named_with_how_to_free_space() -> None:
+    """A tool that ran out of space is told apart from one that failed for its own reasons,
+    and the build log's hint is kept beside the free-space one."""
+    full = CommandFailed(
+        ["tar", "-x"], 2, "tar: a: Cannot write: No space left on device", "log: L"
+    )
+    assert "the disk is full" in str(full)
+    assert full.hint is not None and "rockpool image gc" in full.hint and "log: L" in full.hint
+    other = CommandFailed(["tar", "-x"], 2, "tar: a: Cannot open: Permission denied", "log: L")
+    assert "disk is full" not in str(other) and other.hint == "log: L"
+
+
 def test_environment_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOME_HOST_SECRET", "s3cret")
     monkeypatch.setenv("https_proxy", "http://proxy.invalid:3128")
