@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rockpool.store import Version
+from rockpool.tools import guest_agent
 from tests.e2e.caddy import check_behind_caddy
 from tests.e2e.conftest import DEFAULT_SPEC, run_rockpool
 from tests.e2e.guest import Guest
@@ -228,6 +229,12 @@ def test_boot_serves_code_server_at_the_workspace_path(
         assert_no_build_material(guest)
         # SSH is key-only.
         assert "passwordauthentication no" in guest.ssh("sudo sshd -T").lower()
+        # The guest agent sets the clock (a resume's), and serves nothing else a host
+        # could ask of it.
+        assert guest.ssh("systemctl is-active qemu-guest-agent").strip() == "active"
+        assert abs(guest_agent.set_clock(guest.running.agent_socket)) < 60
+        with pytest.raises(guest_agent.AgentUnavailable, match="disabled"):
+            guest_agent.execute(guest.running.agent_socket, "guest-exec", {"path": "/bin/true"})
 
         # A kernel update in the workspace reaches the ESP that systemd-boot loads from.
         guest.ssh("sudo /etc/kernel/postinst.d/zz-rockpool-esp")

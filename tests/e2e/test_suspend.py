@@ -10,11 +10,12 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from rockpool.errors import NotFound
+from rockpool.errors import Conflict, NotFound
 from rockpool.runtime import suspend
 from rockpool.runtime.base import State
 from rockpool.runtime.qemu import QemuRuntime
@@ -24,6 +25,8 @@ from tests.e2e.guest import wait_until
 from tests.e2e.test_workspaces import Session, start
 
 pytestmark = pytest.mark.vm
+CLOCK_GAP = 5.0  # seconds between the suspend and the resume, at least
+CLOCK_TOLERANCE = 1.5  # seconds a set clock may be off (SSH's round trip under TCG)
 
 
 @pytest.fixture
@@ -44,6 +47,7 @@ def test_suspend_resumes_the_same_guest_and_falls_back_when_it_cannot(
         boot_id = session.ssh("cat /proc/sys/kernel/random/boot_id")
 
         suspended = runtime.stop("nap", suspend=True)
+        suspended_at = time.time()
         assert suspended.state == State.SUSPENDED and suspended.endpoint is None
         assert runtime.status("nap").details["pid"] is None  # no QEMU is left
         saved = suspend.directory(directory)
@@ -59,12 +63,22 @@ def test_suspend_resumes_the_same_guest_and_falls_back_when_it_cannot(
         assert not suspend.directory(runtime.root / "nap-copy").exists()
         assert runtime.status("nap").state == State.SUSPENDED
 
+        # Time passes while a workspace is suspended; this gap is what the guest's clock
+        # must catch up on, so it is made long enough to tell a set clock from one left.
+        time.sleep(max(0.0, CLOCK_GAP - (time.time() - suspended_at)))
         resumed = runtime.start("nap", {"ROCKPOOL_TEAM": "qa"}, keys)
         assert resumed.state == State.RUNNING
-        assert resumed.details["last_start"] == {"resumed": True, "reason": None}
+        last_start = resumed.details["last_start"]
+        assert (last_start["resumed"], last_start["reason"]) == (True, None)
         assert not saved.exists()  # used once
+        # The guest's clock came back where it stopped, and was set to the host's.
+        assert last_start["clock"]["set"] is True
+        assert last_start["clock"]["was_off_seconds"] < -CLOCK_GAP + 1
         session = Session(runtime, "nap", ssh_key)
         session.wait_ready()
+        before = time.time()
+        guest_now = float(session.ssh("date +%s.%N"))
+        assert before - CLOCK_TOLERANCE < guest_now < time.time() + CLOCK_TOLERANCE
         assert session.ssh("cat /proc/sys/kernel/random/boot_id") == boot_id
         assert session.ssh(f"kill -0 {sleeper} && cat ~/before.txt") == "before\n"
 
@@ -86,8 +100,13 @@ def test_suspend_resumes_the_same_guest_and_falls_back_when_it_cannot(
         os.kill(suspending.pid, signal.SIGKILL)
         suspending.wait()
         # Killed mid-stream, QEMU is left paused; killed after QEMU quit, it is gone.
-        assert runtime.status("nap").state in (State.PAUSED, State.STOPPED)
+        left = runtime.status("nap").state
+        assert left in (State.PAUSED, State.STOPPED)
         assert suspend.interrupted(directory)
+        if left == State.PAUSED:  # a paused guest is no guest to suspend, and stays
+            with pytest.raises(Conflict, match="no running guest"):
+                runtime.stop("nap", suspend=True)
+            assert runtime.status("nap").state == State.PAUSED
         again = runtime.start("nap", {"ROCKPOOL_TEAM": "qa"}, keys)
         assert again.details["last_start"]["resumed"] is False
         assert not saved.exists()

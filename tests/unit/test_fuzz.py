@@ -32,6 +32,8 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+# Eight CLI runs an example: half the examples keep it within a minute.
+FUZZ_CLI_HEAVY = settings(FUZZ, max_examples=max(1, FUZZ.max_examples // 2))
 
 
 @contextlib.contextmanager
@@ -258,7 +260,7 @@ def damaged_records(draw: st.DrawFn, original: dict[str, Any]) -> bytes:
     return json.dumps({**original, field: draw(_json_like)}).encode()
 
 
-@FUZZ
+@FUZZ_CLI_HEAVY
 @given(data=st.data())
 def test_any_workspace_record(small_store: Path, data: st.DataObject) -> None:
     name = f"victim-{uuid.uuid4().hex[:8]}"  # each example its own workspace

@@ -132,7 +132,7 @@ def verify_boot(ctx: BuildContext) -> None:
                 overlay.unlink()
                 create_overlay(ctx.disk, "raw", overlay)
     finally:
-        vm.qmp_socket.unlink(missing_ok=True)
+        vm.remove_sockets()
         overlay.unlink(missing_ok=True)
     ctx.facts["verification"] = {
         "verified": True,

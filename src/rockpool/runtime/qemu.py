@@ -52,7 +52,7 @@ from rockpool.runtime.base import (
     write_config_disk,
 )
 from rockpool.store import Store, Version
-from rockpool.tools import kvm, qmp
+from rockpool.tools import guest_agent, kvm, qmp
 from rockpool.tools.qemu import QemuProcess, QemuVM, VMConfig, VMState, random_mac
 from rockpool.tools.qemu_img import backing_files, create_overlay
 
@@ -314,7 +314,7 @@ class QemuRuntime(Runtime):
                 reason = f"QEMU could not resume the saved state: {exc.stderr_tail.strip()[-300:]}"
             else:
                 suspend_state.discard(directory)
-                record["last_start"] = {"resumed": True, "reason": None}
+                record["last_start"] = {"resumed": True, "reason": None, "clock": _set_clock(vm)}
                 write_json_atomic(directory / RECORD, record)
                 log.info("resumed %s from its saved state", name)
                 return vm, None
@@ -365,7 +365,14 @@ class QemuRuntime(Runtime):
         with self._locked(name) as directory:
             record = self._record(name)
             vm = self._vm(name, record)
-            if suspend and vm.state().state == "running":
+            current = vm.state().state
+            if suspend and current in ("paused", "failed"):
+                # Its guest does not run: what could be saved is not a guest to resume.
+                raise Conflict(
+                    f"workspace '{name}' is {current}: there is no running guest to suspend",
+                    hint=f"power it off: rockpool workspace stop {name}",
+                )
+            if suspend and current == "running":
                 self._suspend(name, directory, record, vm, timeout)
             elif vm.alive():
                 graceful = vm.stop(timeout)
@@ -529,7 +536,7 @@ class QemuRuntime(Runtime):
                     )
                 process.kill()
             trash = move_aside(directory)  # gone from view at once; deleted below
-        process.qmp_socket.unlink(missing_ok=True)
+        process.remove_sockets()
         remove_tree(trash)
         self.remove_unused_layers()
 
@@ -605,3 +612,16 @@ class QemuRuntime(Runtime):
             leftover = self._dir(name) / NEW_TOP
             if leftover.exists() and not self._process(name).alive():
                 leftover.unlink(missing_ok=True)
+
+
+def _set_clock(vm: QemuVM) -> dict[str, Any]:
+    """The resumed guest's clock, still at the moment of the suspend, set to the host's
+    through its agent. A guest without one runs on with its clock behind: the record
+    says so, and the resume stands."""
+    try:
+        offset = guest_agent.set_clock(vm.agent_socket)
+    except guest_agent.AgentUnavailable as exc:
+        log.warning("%s: the guest's clock was not set: %s", vm.config.name, exc)
+        return {"set": False, "reason": str(exc)}
+    log.info("%s: the guest's clock was %.1fs off; set", vm.config.name, offset)
+    return {"set": True, "was_off_seconds": round(offset, 3)}

@@ -28,7 +28,7 @@ from rockpool.arch import ARCHITECTURES
 from rockpool.command import background, run
 from rockpool.errors import CommandFailed, Conflict, MissingTool, RockpoolError
 from rockpool.files import copy_private, open_private, sha256_file
-from rockpool.tools import kvm, qmp
+from rockpool.tools import guest_agent, kvm, qmp
 from rockpool.tools.kvm import Firmware
 
 log = logging.getLogger("rockpool.qemu")
@@ -128,6 +128,15 @@ class QemuProcess:
     def __init__(self, run_dir: Path, qmp_socket: Path | None = None) -> None:
         self.run_dir = run_dir
         self.qmp_socket = qmp_socket or run_dir / "qmp.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        """The host end of the guest agent's virtio port, beside the QMP socket."""
+        return self.qmp_socket.with_suffix(".qga")
+
+    def remove_sockets(self) -> None:
+        self.qmp_socket.unlink(missing_ok=True)
+        self.agent_socket.unlink(missing_ok=True)
 
     @property
     def pidfile(self) -> Path:
@@ -260,6 +269,10 @@ class QemuVM(QemuProcess):
             f"socket,id=qmp,path={option_value(self.qmp_socket)},server=on,wait=off",
             "-mon",
             "chardev=qmp,mode=control",
+            "-chardev",
+            f"socket,id=agent,path={option_value(self.agent_socket)},server=on,wait=off",
+            "-device",
+            f"virtserialport,bus=agent-serial.0,chardev=agent,name={guest_agent.PORT_NAME}",
         ]
         if c.run_as is not None:
             argv += runas_args(tools.QEMU_SYSTEM[c.arch], c.run_as)
@@ -285,15 +298,17 @@ class QemuVM(QemuProcess):
                 "virtio-blk-pci,drive=root,bootindex=0",
                 f"virtio-net-pci,netdev=net0,mac={c.mac}",
                 "virtio-rng-pci",
+                "virtio-serial-pci,id=agent-serial",
             ] + (["virtio-blk-pci,drive=config"] if config else [])
         elif c.layout == "incus":
-            ports = [f"pcie-root-port,id=port{n},chassis={n + 1},port={n + 1}" for n in range(3)]
+            ports = [f"pcie-root-port,id=port{n},chassis={n + 1},port={n + 1}" for n in range(4)]
             devices = [
                 *ports,
                 "virtio-scsi-pci,id=scsi,bus=port0",
                 "scsi-hd,drive=root,bus=scsi.0,channel=0,scsi-id=0,lun=1,bootindex=0",
                 f"virtio-net-pci,netdev=net0,mac={c.mac},bus=port1",
                 "virtio-rng-pci,bus=port2",
+                "virtio-serial-pci,id=agent-serial,bus=port3",
             ] + (["scsi-hd,drive=config,bus=scsi.0,channel=0,scsi-id=1,lun=1"] if config else [])
         else:
             raise ValueError(f"no device layout {c.layout!r}: use one of {LAYOUTS}")
@@ -394,8 +409,8 @@ class QemuVM(QemuProcess):
                 continue
             if flag == "-netdev":
                 value = value.split(",hostfwd=", 1)[0]
-            elif flag == "-chardev" and value.startswith("socket,id=qmp,"):
-                value = "socket,id=qmp"
+            elif flag == "-chardev" and value.startswith(("socket,id=qmp,", "socket,id=agent,")):
+                value = value.split(",path=", 1)[0]
             machine += [flag, value]
         binary = shutil.which(argv[0]) or argv[0]
         return {
@@ -424,7 +439,7 @@ class QemuVM(QemuProcess):
         return fdsets, args, fds
 
     def _launch(self, verdict: kvm.Verdict, *, incoming: bool = False) -> None:
-        self.qmp_socket.unlink(missing_ok=True)
+        self.remove_sockets()
         self.pidfile.unlink(missing_ok=True)
         self.console_log.unlink(missing_ok=True)
         self.started_at = time.monotonic()

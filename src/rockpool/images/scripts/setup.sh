@@ -49,8 +49,11 @@ SETUP_NPM_LOCKFILES=${SETUP_NPM_LOCKFILES:-}
 export DEBIAN_FRONTEND=noninteractive
 
 # What the init contract and this script themselves need, whatever the spec says.
+# qemu-guest-agent (and hwclock, which its guest-set-time runs) sets the clock after a
+# resume from a saved state.
 CONTRACT_PACKAGES="systemd systemd-sysv systemd-resolved udev dbus openssh-server sudo
-  ca-certificates curl jq cloud-guest-utils e2fsprogs fdisk zstd"
+  ca-certificates curl jq cloud-guest-utils e2fsprogs fdisk zstd qemu-guest-agent
+  util-linux-extra"
 # What `npm install code-server` compiles its native modules with.
 CODE_SERVER_BUILD_PACKAGES="build-essential pkg-config python3 libkrb5-dev"
 WITH_CODE_SERVER=yes
@@ -535,6 +538,13 @@ NET
   write_file /etc/systemd/journald.conf.d/50-rockpool.conf 0644 <<'CONF'
 [Journal]
 SystemMaxUse=100M
+CONF
+  # The host only ever sets the clock through the agent (after a resume): nothing else it
+  # could ask for (guest-exec, guest-file-*, passwords, keys) is served. Debian's unit
+  # starts the agent only where the runtime gives the guest its virtio port.
+  write_file /etc/qemu/qemu-ga.conf 0644 <<'CONF'
+[general]
+allow-rpcs=guest-sync-delimited,guest-sync,guest-ping,guest-info,guest-get-time,guest-set-time
 CONF
 
   systemctl enable ssh.service rockpool-init.service rockpool-growroot.service \
