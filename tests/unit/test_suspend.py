@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from rockpool.runtime import suspend
+from rockpool.tools import kvm
+from rockpool.tools.qemu import QemuVM, VMConfig
 
 MACHINE: dict[str, Any] = {
     "qemu": {"path": "/usr/bin/qemu-system-x86_64", "sha256": "a" * 64},
@@ -100,3 +102,28 @@ def test_a_damaged_record_boots_cold(tmp_path: Path, saved: dict[str, Path]) -> 
     assert reason(tmp_path, saved) == "the saved state's record is damaged"
     suspend.discard(tmp_path)
     assert not suspend.directory(tmp_path).exists() and not suspend.is_suspended(tmp_path)
+
+
+def test_a_host_reboot_leaves_the_machine_as_it_was(tmp_path: Path) -> None:
+    """What a reboot changes for a QEMU workspace (the run directory and its sockets, the
+    accelerator verdict made again, other free ports) is no part of the saved machine;
+    another accelerator is."""
+    def machine(run: str, port: int, run_as: str | None, verdict: kvm.Verdict) -> Any:
+        config = VMConfig(
+            name="nap",
+            arch="amd64",
+            disk=tmp_path / "disk.qcow2",
+            disk_format="qcow2",
+            run_dir=tmp_path,
+            config_disk=tmp_path / "config.img",
+            mac="52:54:00:12:34:56",
+            forwards={8080: port, 22: port + 1},
+            qmp_socket=tmp_path / run / "nap.qmp",
+            run_as=run_as,
+        )
+        return QemuVM(config).fingerprint(verdict)
+
+    before = machine("run-1", 41000, None, kvm.Verdict("tcg", "probed", boot_id="boot-1"))
+    after = machine("run-2", 41010, "nobody", kvm.Verdict("tcg", "probed again", boot_id="2"))
+    assert before == after
+    assert before != machine("run-2", 41010, None, kvm.Verdict("kvm", "works now"))
