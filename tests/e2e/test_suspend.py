@@ -114,6 +114,8 @@ def test_suspend_resumes_the_same_guest_and_falls_back_when_it_cannot(
         session.wait_ready()
         assert session.ssh("cat /proc/sys/kernel/random/boot_id") != boot_id
         assert session.ssh("cat ~/before.txt") == "before\n"
+        # This start's values reach the guest, not the previous boot's ("other").
+        assert 'ROCKPOOL_TEAM="qa"' in session.ssh("sudo cat /run/rockpool/env")
     finally:
         for name in ("nap", "nap-copy"):
             with contextlib.suppress(NotFound):

@@ -138,16 +138,9 @@ def test_persistence_crash_and_clone(
         pid = runtime.status("persist").details["pid"]
         assert runtime.start("persist").details["pid"] == pid  # no second VM on the disk
         assert runtime.endpoint("persist").host == "127.0.0.1"
-        session.ssh("echo kept > ~/note.txt && sync")
-        stopped = runtime.stop("persist")
-        assert stopped.state == State.STOPPED and stopped.endpoint is None
-        assert runtime.stop("persist").state == State.STOPPED  # stopping again: no-op
-
-        session = start(runtime, "persist", ssh_key)
-        assert session.ssh("cat ~/note.txt") == "kept\n"
         # kill -9 while writing: what was synced survives, and the disk checks clean.
         session.ssh(
-            "echo synced > ~/synced.txt && sync && "
+            "echo kept > ~/note.txt && echo synced > ~/synced.txt && sync && "
             "(nohup dd if=/dev/urandom of=/home/coder/churn bs=1M count=400 "
             ">/dev/null 2>&1 &)"
         )
@@ -159,7 +152,11 @@ def test_persistence_crash_and_clone(
         machine_id = session.ssh("cat /etc/machine-id")
         with pytest.raises(Conflict, match="running"):
             runtime.clone("persist", "copy")
-        assert runtime.stop("persist").state == State.STOPPED
+        # A clean stop keeps even what the guest had not synced (the next boot reads it).
+        session.ssh("echo unsynced > ~/late.txt")
+        stopped = runtime.stop("persist")
+        assert stopped.state == State.STOPPED and stopped.endpoint is None
+        assert runtime.stop("persist").state == State.STOPPED  # stopping again: no-op
         assert_filesystem_clean(disk, minimal_image, tmp_path)
 
         clone = runtime.clone("persist", "copy")
@@ -172,6 +169,7 @@ def test_persistence_crash_and_clone(
         source = start(runtime, "persist", ssh_key)
         copy = start(runtime, "copy", ssh_key)  # side by side
         assert copy.ssh("cat ~/note.txt") == "kept\n"
+        assert source.ssh("cat ~/late.txt") == "unsynced\n"
         assert copy.ssh("hostname").strip() == "copy"
         assert source.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub") == host_key
         assert source.ssh("cat /etc/machine-id") == machine_id

@@ -108,6 +108,7 @@ def test_a_host_reboot_leaves_the_machine_as_it_was(tmp_path: Path) -> None:
     """What a reboot changes for a QEMU workspace (the run directory and its sockets, the
     accelerator verdict made again, other free ports) is no part of the saved machine;
     another accelerator is."""
+
     def machine(run: str, port: int, run_as: str | None, verdict: kvm.Verdict) -> Any:
         config = VMConfig(
             name="nap",
