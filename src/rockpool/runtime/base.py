@@ -430,7 +430,15 @@ def write_config_disk(
     record's, so a clone (new id) makes its own SSH host keys and machine-id. Keys given
     once are kept in DIRECTORY/authorized_keys and reused by later starts that give none.
     """
-    variables, keys, given_keys = boot_values(directory, name, instance_id, env, authorized_keys)
+    return write_boot_values(
+        directory, *boot_values(directory, name, instance_id, env, authorized_keys)
+    )
+
+
+def write_boot_values(
+    directory: Path, variables: dict[str, str], keys: str | None, given_keys: str | None
+) -> Path:
+    """DIRECTORY/config.img from values boot_values gave, and the keys given kept."""
     config_disk = make_config_disk(directory / CONFIG_DISK, variables, keys)
     if given_keys is not None:
         write_private(directory / AUTHORIZED_KEYS, given_keys)

@@ -49,7 +49,7 @@ from rockpool.runtime.base import (
     record_names,
     utc_now,
     workspace_dir,
-    write_config_disk,
+    write_boot_values,
 )
 from rockpool.store import Store, Version
 from rockpool.tools import guest_agent, kvm, qmp
@@ -271,9 +271,8 @@ class QemuRuntime(Runtime):
             if current.state == "failed":
                 log.info("workspace %s had failed (%s); starting it again", name, current.reason)
                 vm.kill()
-            variables, keys, _ = boot_values(
-                directory, name, record["instance_id"], env, authorized_keys
-            )
+            values = boot_values(directory, name, record["instance_id"], env, authorized_keys)
+            variables, keys, _ = values
             boot = suspend_state.boot_inputs(variables, keys)
             isolation = network.isolate()
             record["network"] = "isolated" if isolation else "open"
@@ -283,7 +282,7 @@ class QemuRuntime(Runtime):
                 if resumed is not None:
                     return self._workspace(name, record, resumed.state())
             suspend_state.discard(directory)  # stale, or left by an interrupted suspend
-            write_config_disk(directory, name, record["instance_id"], env, authorized_keys)
+            write_boot_values(directory, *values)
             record["boot_inputs"] = boot
             record["last_start"] = {"resumed": False, "reason": fallback}
             vm = self._launch(name, directory, record, isolation)
